@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up tolaria in the current Python environment, compiling its extension.
+#   bash scripts/setup.sh            # runtime + demo extras
+#   bash scripts/setup.sh test,dev   # what the test suite and the linters need
+# torch comes first, and only where none is installed: `torch==2.13.0` takes the CPU build
+# from this machine's local wheel instead of a multi-GB CUDA download; an existing torch (a
+# GPU machine's 2.11, say) is kept, since tolaria only asks for a lower bound.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-demo}"
+python="${PYTHON:-python3}"
+if ! "$python" -c "import torch" 2>/dev/null; then
+  "$python" -m pip install --quiet "torch==2.13.0"
+fi
+"$python" -m pip install --quiet -e ".[${extras}]"

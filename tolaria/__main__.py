@@ -1,0 +1,5 @@
+"""``python -m tolaria`` is the ``tolaria`` command."""
+
+from tolaria.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Which compiled or pure-PyTorch backend serves a device, and why.
+
+One answer for everybody: the snapshot and health dispatchers resolve ``"auto"`` through
+these functions, and ``tolaria doctor`` prints the same answers with their reasons.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tolaria import _ext
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend that ``"auto"`` picks for a device, and the reason in words."""
+
+    backend: str
+    reason: str
+
+
+def triton_installed() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def snapshot_backend_for(device: torch.device) -> BackendChoice:
+    """The snapshot store that ``snapshot_backend="auto"`` uses for tensors on ``device``."""
+    if _ext.extension() is None:
+        return BackendChoice("reference", _ext.unavailable_reason() or "extension unavailable")
+    if device.type == "cpu":
+        return BackendChoice("native", "compiled extension loaded; CPU arena with threaded memcpy")
+    if device.type == "cuda":
+        info = _ext.build_info() or {}
+        if not info.get("cuda"):
+            return BackendChoice(
+                "reference", "extension was built without CUDA (TOLARIA_CUDA=OFF or no nvcc)"
+            )
+        if not _ext.cuda_runtime_usable():
+            return BackendChoice("reference", "extension has CUDA but no usable driver/device")
+        return BackendChoice("native", "compiled CUDA engine: pinned arena, side-stream capture")
+    return BackendChoice("reference", f"no native engine for device type {device.type!r}")
+
+
+def health_backend_for(device: torch.device) -> BackendChoice:
+    """The health backend that ``backend="auto"`` uses for tensors on ``device``."""
+    if device.type == "cuda":
+        if triton_installed():
+            return BackendChoice("triton", "CUDA tensors and Triton installed: one fused launch per dtype")
+        return BackendChoice("reference", "Triton is not installed (pip install 'tolaria[triton]')")
+    return BackendChoice(
+        "reference",
+        f"{device.type} tensors use the batched pure-PyTorch check (Triton serves CUDA tensors;"
+        " on CPU it only runs under TRITON_INTERPRET=1, for tests)",
+    )
