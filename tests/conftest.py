@@ -20,5 +20,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU; runs through bench/gpu_check.sh")
     for item in items:
-        if "cuda" in item.keywords:
+        # The marker itself, not the keyword set: a parametrize id "cuda" must not skip a CPU test.
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip_cuda)
