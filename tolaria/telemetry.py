@@ -1,0 +1,423 @@
+"""Typed telemetry: what the watchdog saw and did, as events a person or a program can read.
+
+An event is a :class:`TelemetryEvent` whose ``data`` is one of the frozen payload dataclasses
+below. Events go to the process-wide :class:`TelemetryHub` (``get_hub()``), which hands them to
+its sinks: Python logging (the default), a JSONL file, or a callback. A sink that raises is
+reported through :mod:`logging` and never propagates into the code that emitted the event:
+a broken dashboard must not break a rollback.
+
+Nothing is pickled: events serialise to JSON. Non-finite floats (a NaN loss is a normal thing
+to report) are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that
+every line is strict JSON; ``from_dict`` turns them back into floats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import math
+import threading
+import time
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+
+class TelemetryEventType(str, enum.Enum):
+    """What happened. Each type names who emits it."""
+
+    #: A snapshot was resolved (committed or rejected); emitted by the Governor.
+    GOVERNOR_SNAPSHOT = "governor_snapshot"
+    #: The Governor decided the model is failing; emitted by ``check_vital_signs``/``check_health``.
+    GOVERNOR_PANIC = "governor_panic"
+    #: The model was rolled back to its Last Known Good; exactly one per rollback.
+    GOVERNOR_ROLLBACK = "governor_rollback"
+    #: Non-finite values were found where they must not be (a snapshot that was not committed).
+    HEALTH_ALERT = "health_alert"
+    #: A snapshot store keeps working in a slower or weaker mode (e.g. pinned memory unavailable).
+    SNAPSHOT_DEGRADED = "snapshot_degraded"
+
+
+class Severity(str, enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+_LOG_LEVELS = {
+    Severity.DEBUG: logging.DEBUG,
+    Severity.INFO: logging.INFO,
+    Severity.WARNING: logging.WARNING,
+    Severity.ERROR: logging.ERROR,
+    Severity.CRITICAL: logging.CRITICAL,
+}
+
+_P = TypeVar("_P", bound="_Payload")
+
+
+_FIELD_KINDS: dict[type, dict[str, str]] = {}
+
+
+def _field_kinds(cls: type) -> dict[str, str]:
+    """Map each field of a payload class to 'float', 'tuple' or 'plain' (how from_dict coerces it)."""
+    cached = _FIELD_KINDS.get(cls)
+    if cached is not None:
+        return cached
+    kinds: dict[str, str] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = set(typing.get_args(hint))
+        if hint is float or args == {float, type(None)}:
+            kinds[name] = "float"
+        elif typing.get_origin(hint) is tuple:
+            kinds[name] = "tuple"
+        else:
+            kinds[name] = "plain"
+    _FIELD_KINDS[cls] = kinds
+    return kinds
+
+
+class _Payload:
+    """Shared to_dict/from_dict for the frozen payload dataclasses (one implementation, not four)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (tuples become lists); floats are left as floats, NaN included."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[_P], data: Mapping[str, Any]) -> _P:
+        """Rebuild a payload from :meth:`to_dict` output or a parsed JSON object.
+
+        Raises:
+            ValueError: a required field (one without a default) is missing; the message names it.
+            TypeError: ``data`` is not a mapping.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"{cls.__name__}.from_dict: missing required field(s) {missing}")
+        kinds = _field_kinds(cls)
+        kwargs: dict[str, Any] = {}
+        # Unknown keys are ignored so that a newer writer's extra fields do not break an older reader.
+        for f in fields:
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if kinds[f.name] == "float" and value is not None:
+                value = float(value)  # accepts "NaN"/"Infinity" written by the JSONL sink
+            elif kinds[f.name] == "tuple" and value is not None:
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class GovernorRollbackPayload(_Payload):
+    """One rollback. ``consecutive_panics`` is the count at the panic, before the reset to 0;
+    ``loss_at_panic`` is NaN when the rollback had no preceding panic. Key lists hold state-dict
+    keys: ``missing_keys`` live in the model without a saved value, ``unexpected_keys`` were saved
+    but have no live tensor (architecture drift when outside ``seed_slots.``)."""
+
+    env_id: int
+    device: str
+    reason: str
+    loss_at_panic: float
+    loss_threshold: float
+    consecutive_panics: int
+    panic_reason: str | None = None
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GovernorPanicPayload(_Payload):
+    """A panic. ``loss`` and ``loss_threshold`` are NaN for health panics (weights/grads), where
+    ``first_bad`` names the first sick tensor and ``grad_norm`` is the global gradient L2 norm."""
+
+    reason: str
+    device: str
+    loss: float
+    loss_threshold: float
+    consecutive_panics: int
+    first_bad: str | None = None
+    grad_norm: float = math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class GovernorSnapshotPayload(_Payload):
+    """A resolved snapshot. ``bytes`` counts tied tensors once; ``seconds`` is the host time the
+    ``snapshot()`` call blocked; ``first_bad`` names the sick tensor when not committed."""
+
+    device: str
+    backend: str
+    keys_captured: int
+    keys_excluded: int
+    bytes: int
+    seconds: float
+    committed: bool
+    first_bad: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthAlertPayload(_Payload):
+    """Non-finite values found by ``source`` (e.g. ``"snapshot"``); ``bad_tensors`` lists the sick
+    tensors in input order (at most a few dozen), ``nonfinite`` is the total count of bad elements."""
+
+    source: str
+    device: str
+    first_bad: str | None
+    nonfinite: int
+    bad_tensors: tuple[str, ...] = ()
+    backend: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotDegradedPayload(_Payload):
+    """A snapshot store fell back to a weaker mode (``mode``) because of ``reason``."""
+
+    backend: str
+    mode: str
+    reason: str
+
+
+TelemetryPayload = (
+    GovernorRollbackPayload
+    | GovernorPanicPayload
+    | GovernorSnapshotPayload
+    | HealthAlertPayload
+    | SnapshotDegradedPayload
+)
+
+PAYLOAD_TYPES: dict[TelemetryEventType, type[_Payload]] = {
+    TelemetryEventType.GOVERNOR_ROLLBACK: GovernorRollbackPayload,
+    TelemetryEventType.GOVERNOR_PANIC: GovernorPanicPayload,
+    TelemetryEventType.GOVERNOR_SNAPSHOT: GovernorSnapshotPayload,
+    TelemetryEventType.HEALTH_ALERT: HealthAlertPayload,
+    TelemetryEventType.SNAPSHOT_DEGRADED: SnapshotDegradedPayload,
+}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryEvent:
+    """One event. ``timestamp`` is seconds since the epoch (``time.time()``)."""
+
+    event_type: TelemetryEventType
+    severity: Severity
+    message: str
+    data: TelemetryPayload | Mapping[str, Any]
+    timestamp: float = dataclasses.field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.data.to_dict() if isinstance(self.data, _Payload) else dict(self.data)
+        return {
+            "event_type": self.event_type.value,
+            "severity": self.severity.value,
+            "message": self.message,
+            "data": data,
+            "timestamp": self.timestamp,
+        }
+
+    def to_json(self) -> str:
+        """Strict JSON on one line (non-finite floats as strings, see the module docstring)."""
+        return json.dumps(_json_safe(self.to_dict()), allow_nan=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TelemetryEvent:
+        """Inverse of :meth:`to_dict`; ``data`` becomes the typed payload of the event type.
+
+        Raises ValueError for an unknown event type/severity or a payload missing a required field.
+        """
+        event_type = TelemetryEventType(data["event_type"])
+        payload = PAYLOAD_TYPES[event_type].from_dict(data["data"])
+        return cls(
+            event_type=event_type,
+            severity=Severity(data["severity"]),
+            message=str(data["message"]),
+            data=payload,  # type: ignore[arg-type]
+            timestamp=float(data["timestamp"]),
+        )
+
+
+class TelemetrySink:
+    """Receives events. Subclasses override :meth:`emit`; :meth:`close` releases resources."""
+
+    def emit(self, event: TelemetryEvent) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class LoggingSink(TelemetrySink):
+    """Writes each event to a :mod:`logging` logger at the level matching its severity."""
+
+    def __init__(self, logger_name: str = "tolaria.events") -> None:
+        self.logger = logging.getLogger(logger_name)
+
+    def emit(self, event: TelemetryEvent) -> None:
+        level = _LOG_LEVELS[event.severity]
+        if self.logger.isEnabledFor(level):
+            self.logger.log(
+                level, "%s: %s %s", event.event_type.value, event.message, event.to_dict()["data"]
+            )
+
+
+class JsonlSink(TelemetrySink):
+    """Appends one JSON object per line to ``path`` and flushes after every event, so a crash
+    loses at most the event being written. Thread-safe."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._file: typing.TextIO | None = self.path.open("a", encoding="utf-8")
+
+    def emit(self, event: TelemetryEvent) -> None:
+        line = event.to_json()
+        with self._lock:
+            if self._file is None:
+                raise RuntimeError(f"JsonlSink({str(self.path)!r}) is closed")
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class CallbackSink(TelemetrySink):
+    """Calls ``callback(event)`` for every event."""
+
+    def __init__(self, callback: Callable[[TelemetryEvent], object]) -> None:
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self.callback = callback
+
+    def emit(self, event: TelemetryEvent) -> None:
+        self.callback(event)
+
+
+class TelemetryHub:
+    """Fans events out to sinks. ``emit`` never raises because of a sink: failures are logged."""
+
+    def __init__(self, sinks: typing.Iterable[TelemetrySink] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._sinks: list[TelemetrySink] = list(sinks) if sinks is not None else []
+
+    @property
+    def sinks(self) -> tuple[TelemetrySink, ...]:
+        return tuple(self._sinks)
+
+    def add_sink(self, sink: TelemetrySink | Callable[[TelemetryEvent], object]) -> TelemetrySink:
+        """Register ``sink`` (a :class:`TelemetrySink` or a plain callable); returns the sink object
+        to pass to :meth:`remove_sink`."""
+        wrapped = sink if isinstance(sink, TelemetrySink) else CallbackSink(sink)
+        with self._lock:
+            self._sinks.append(wrapped)
+        return wrapped
+
+    def remove_sink(self, sink: TelemetrySink) -> None:
+        with self._lock:
+            self._sinks = [s for s in self._sinks if s is not sink]
+
+    def clear_sinks(self) -> None:
+        with self._lock:
+            self._sinks = []
+
+    def emit(self, event: TelemetryEvent) -> None:
+        # Copy under the lock, call outside it: a slow sink must not block add/remove elsewhere.
+        with self._lock:
+            sinks = list(self._sinks)
+        for sink in sinks:
+            try:
+                sink.emit(event)
+            except Exception:
+                logger.exception(
+                    "telemetry sink %r failed on %s; event dropped for it", sink, event.event_type.value
+                )
+
+
+_hub: TelemetryHub | None = None
+_hub_lock = threading.Lock()
+
+
+def get_hub() -> TelemetryHub:
+    """The process-wide hub, created on first use with a :class:`LoggingSink`."""
+    global _hub
+    with _hub_lock:
+        if _hub is None:
+            _hub = TelemetryHub([LoggingSink()])
+        return _hub
+
+
+def set_hub(hub: TelemetryHub | None) -> TelemetryHub | None:
+    """Replace the process-wide hub (None: a fresh default one on next use); returns the old one."""
+    global _hub
+    if hub is not None and not isinstance(hub, TelemetryHub):
+        raise TypeError(f"hub must be a TelemetryHub or None, got {type(hub).__name__}")
+    with _hub_lock:
+        old, _hub = _hub, hub
+    return old
+
+
+def emit_event(
+    event_type: TelemetryEventType,
+    severity: Severity,
+    message: str,
+    data: TelemetryPayload,
+    hub: TelemetryHub | None = None,
+) -> TelemetryEvent:
+    """Build an event and send it to ``hub`` (default: ``get_hub()``); returns the event."""
+    event = TelemetryEvent(event_type, severity, message, data)
+    (hub if hub is not None else get_hub()).emit(event)
+    return event
+
+
+__all__ = [
+    "PAYLOAD_TYPES",
+    "CallbackSink",
+    "GovernorPanicPayload",
+    "GovernorRollbackPayload",
+    "GovernorSnapshotPayload",
+    "HealthAlertPayload",
+    "JsonlSink",
+    "LoggingSink",
+    "Severity",
+    "SnapshotDegradedPayload",
+    "TelemetryEvent",
+    "TelemetryEventType",
+    "TelemetryHub",
+    "TelemetryPayload",
+    "TelemetrySink",
+    "emit_event",
+    "get_hub",
+    "set_hub",
+]
