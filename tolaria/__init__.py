@@ -7,5 +7,54 @@ Known Good state. This module is the public API and nothing else.
 
 from tolaria import _ext  # noqa: F401  (honours TOLARIA_REQUIRE_NATIVE at import time)
 from tolaria._version import __version__
+from tolaria.constants import (
+    DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE,
+    DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
+    DEFAULT_GOVERNOR_DEATH_PENALTY,
+    DEFAULT_GOVERNOR_HISTORY_WINDOW,
+    DEFAULT_GOVERNOR_LOSS_MULTIPLIER,
+    DEFAULT_GOVERNOR_SENSITIVITY,
+    DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
+    MIN_GOVERNOR_HISTORY_SAMPLES,
+)
+from tolaria.environment import create_model, parse_device, validate_device
+from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
+from tolaria.health import HealthReport, check_tensors
+from tolaria.tasks import TaskSpec, available_tasks, get_task_spec
+from tolaria.telemetry import (
+    CallbackSink,
+    JsonlSink,
+    LoggingSink,
+    TelemetryEvent,
+    TelemetryEventType,
+    get_hub,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE",
+    "DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD",
+    "DEFAULT_GOVERNOR_DEATH_PENALTY",
+    "DEFAULT_GOVERNOR_HISTORY_WINDOW",
+    "DEFAULT_GOVERNOR_LOSS_MULTIPLIER",
+    "DEFAULT_GOVERNOR_SENSITIVITY",
+    "DEFAULT_MIN_PANICS_BEFORE_ROLLBACK",
+    "MIN_GOVERNOR_HISTORY_SAMPLES",
+    "CallbackSink",
+    "GovernorReport",
+    "HealthReport",
+    "JsonlSink",
+    "LoggingSink",
+    "SnapshotInfo",
+    "TaskSpec",
+    "TelemetryEvent",
+    "TelemetryEventType",
+    "TolariaGovernor",
+    "__version__",
+    "available_tasks",
+    "check_tensors",
+    "create_model",
+    "get_hub",
+    "get_task_spec",
+    "parse_device",
+    "validate_device",
+]

@@ -1,0 +1,55 @@
+"""The drop-in surface: code written for esper-lite's Tolaria imports and calls the same names."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import tolaria
+from tolaria import constants
+
+
+def test_original_names_are_exported() -> None:
+    for name in ("TolariaGovernor", "GovernorReport", "create_model"):
+        assert hasattr(tolaria, name)
+    for name in tolaria.__all__:
+        assert hasattr(tolaria, name), name
+
+
+def test_constants_keep_original_values() -> None:
+    assert constants.DEFAULT_GOVERNOR_SENSITIVITY == 6.0
+    assert constants.DEFAULT_GOVERNOR_LOSS_MULTIPLIER == 3.0
+    assert constants.DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD == 12.0
+    assert constants.DEFAULT_GOVERNOR_DEATH_PENALTY == 10.0
+    assert constants.DEFAULT_GOVERNOR_HISTORY_WINDOW == 20
+    assert constants.DEFAULT_MIN_PANICS_BEFORE_ROLLBACK == 3
+    assert constants.MIN_GOVERNOR_HISTORY_SAMPLES == 10
+    assert constants.DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE == 5
+
+
+def test_governor_signature_is_the_original_one_plus_keyword_only_options() -> None:
+    params = list(inspect.signature(tolaria.TolariaGovernor).parameters.values())
+    positional = [(p.name, p.default) for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == [
+        ("model", inspect.Parameter.empty),
+        ("sensitivity", 6.0),
+        ("multiplier", 3.0),
+        ("absolute_threshold", 12.0),
+        ("death_penalty", 10.0),
+        ("history_window", 20),
+        ("min_panics_before_rollback", 3),
+        ("random_guess_loss", None),
+    ]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[len(positional):])
+
+
+def test_governor_report_keeps_original_fields_first() -> None:
+    names = [f.name for f in dataclasses.fields(tolaria.GovernorReport)]
+    assert names[:5] == ["reason", "loss_at_panic", "loss_threshold", "consecutive_panics", "rollback_occurred"]
+
+
+def test_rollback_signature() -> None:
+    sig = inspect.signature(tolaria.TolariaGovernor.execute_rollback)
+    assert sig.parameters["env_id"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert sig.parameters["env_id"].default == 0
+    assert sig.parameters["optimizer"].default is None
