@@ -1,0 +1,194 @@
+"""Health-check benchmark: tolaria against the per-tensor isfinite loop and ``_foreach_norm``.
+
+Scenarios (fp32 tensors, the same tensors for every variant of a scenario):
+
+- ``gpt2-small``: the 148 parameter shapes of GPT-2 small (124M parameters, ~0.5 GB);
+- ``many-small``: 500 tensors of 256 to 65536 elements (log-uniform, fixed seed);
+- ``large-1gib`` (CUDA only): 64 tensors of 4M elements, 1 GiB in all.
+
+Variants: ``isfinite-loop`` (``torch.isfinite(p).all()`` per tensor, one host read at the end:
+the strongest form of the old loop), ``foreach-norm`` (``torch._foreach_norm`` and one read),
+``tolaria`` (``check_tensors`` with backend "auto": the reference on CPU, Triton on CUDA,
+blocking), ``read-limit`` (one ``torch.sum`` over a tensor of the same total bytes: the
+bandwidth ceiling of the same run), and on CUDA ``tolaria-host`` and ``tolaria-host-eager``
+(host time per non-blocking check with cached tables, with and without the CUDA graph).
+
+Run ``python -m bench.health [--device cpu|cuda] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from bench.common import Measurement, device_label, markdown_table, measure, ratio
+from tolaria.health import check_tensors
+
+BASELINE = "isfinite-loop"
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """The parameter shapes of GPT-2 small (vocab 50257, context 1024, 12 layers of width 768)."""
+    shapes: list[tuple[int, ...]] = [(50257, 768), (1024, 768)]
+    for _ in range(12):
+        shapes += [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,)]
+        shapes += [(768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]
+    return shapes + [(768,), (768,)]
+
+
+def many_small_shapes(count: int = 500, seed: int = 0) -> list[tuple[int, ...]]:
+    generator = torch.Generator().manual_seed(seed)
+    exponents = torch.empty(count).uniform_(8.0, 16.0, generator=generator)
+    return [(int(2.0**e),) for e in exponents.tolist()]
+
+
+def _make(shapes: list[tuple[int, ...]], device: str) -> list[tuple[str, torch.Tensor]]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [
+        (f"p{i}", torch.randn(shape, generator=generator, device=device)) for i, shape in enumerate(shapes)
+    ]
+
+
+def _isfinite_loop(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _foreach_norm(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+
+
+@contextlib.contextmanager
+def _graphs(enabled: bool) -> Iterator[None]:
+    from tolaria.health import plan
+
+    previous = os.environ.get("TOLARIA_HEALTH_CUDA_GRAPH")
+    os.environ["TOLARIA_HEALTH_CUDA_GRAPH"] = "1" if enabled else "0"
+    plan.clear_plans()
+    try:
+        yield
+    finally:
+        plan.clear_plans()
+        if previous is None:
+            os.environ.pop("TOLARIA_HEALTH_CUDA_GRAPH", None)
+        else:
+            os.environ["TOLARIA_HEALTH_CUDA_GRAPH"] = previous
+
+
+def _scenario(
+    name: str, pairs: list[tuple[str, torch.Tensor]], device: str, quick: bool
+) -> list[Measurement]:
+    tensors = [t for _, t in pairs]
+    nbytes = sum(t.nbytes for t in tensors)
+    reps, warmup = (5, 1) if quick else (20, 3)
+    on_cuda = torch.device(device).type == "cuda"
+    rows = [
+        measure(
+            name,
+            BASELINE,
+            lambda: _isfinite_loop(tensors),
+            device=device,
+            bytes=nbytes,
+            warmup=warmup,
+            reps=reps,
+        ),
+        measure(
+            name,
+            "foreach-norm",
+            lambda: _foreach_norm(tensors),
+            device=device,
+            bytes=nbytes,
+            warmup=warmup,
+            reps=reps,
+        ),
+        measure(
+            name,
+            "tolaria",
+            lambda: check_tensors(pairs),
+            device=device,
+            bytes=nbytes,
+            warmup=warmup,
+            reps=reps,
+        ),
+    ]
+    flat = torch.randn(nbytes // 4, device=device)
+    rows.insert(
+        0, measure(name, "read-limit", flat.sum, device=device, bytes=nbytes, warmup=warmup, reps=reps)
+    )
+    del flat
+    if on_cuda:
+        for variant, enabled in (("tolaria-host", True), ("tolaria-host-eager", False)):
+            with _graphs(enabled):
+                rows.append(
+                    measure(
+                        name,
+                        variant,
+                        lambda: check_tensors(pairs, blocking=False),
+                        device=device,
+                        warmup=max(warmup, 3),
+                        reps=50,
+                        host_only=True,
+                    )
+                )
+    return rows
+
+
+def run(device: str, quick: bool) -> list[Measurement]:
+    """Every scenario on ``device`` ("cpu" or "cuda"); ``quick`` takes fewer repetitions."""
+    scenarios = [("gpt2-small", gpt2_small_shapes()), ("many-small", many_small_shapes())]
+    if torch.device(device).type == "cuda":
+        scenarios.append(("large-1gib", [(4 << 20,)] * 64))
+    rows: list[Measurement] = []
+    for name, shapes in scenarios:
+        pairs = _make(shapes, device)
+        rows += _scenario(name, pairs, device, quick)
+        del pairs
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def summary(rows: list[Measurement]) -> list[str]:
+    """The ratios the goals are stated in, one line each."""
+    by_key = {(row.scenario, row.variant): row for row in rows}
+    lines = []
+    for scenario in dict.fromkeys(row.scenario for row in rows):
+        tolaria = by_key.get((scenario, "tolaria"))
+        base = by_key.get((scenario, BASELINE))
+        if tolaria is not None and base is not None:
+            lines.append(f"{scenario}: tolaria is {ratio(base, tolaria):.1f}× faster than the isfinite loop")
+        limit = by_key.get((scenario, "read-limit"))
+        if tolaria is not None and limit is not None:
+            lines.append(
+                f"{scenario}: tolaria reaches {ratio(limit, tolaria):.0%} of one torch.sum's bandwidth"
+            )
+        for variant in ("tolaria-host", "tolaria-host-eager"):
+            host = by_key.get((scenario, variant))
+            if host is not None:
+                lines.append(
+                    f"{scenario}: host cost per non-blocking check ({variant}) {host.median_s * 1e6:.1f} µs"
+                )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args(argv)
+    rows = run(args.device, args.quick)
+    print(f"# health check on {device_label(args.device)} (torch {torch.__version__})\n")
+    print(markdown_table(rows, baselines={row.scenario: BASELINE for row in rows}))
+    print()
+    for line in summary(rows):
+        print(f"- {line}")
+    if not all(math.isfinite(row.median_s) for row in rows):
+        raise SystemExit("a measurement did not finish")
+
+
+if __name__ == "__main__":
+    main()

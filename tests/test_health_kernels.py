@@ -1,0 +1,284 @@
+"""The fused Triton health kernel against the pure-PyTorch reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest before tolaria is imported);
+the same checks run on CUDA tensors under the ``cuda`` marker on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tolaria.health import HealthReport, check_tensors, reference_check
+
+pytest.importorskip("triton")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Both accumulate squares in fp32 (fp64 for fp64), in different orders.
+REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float64: 1e-10}
+SIZES = [0, 1, 7, 1023, 1025, 65537]
+# Test-sized geometry: blocks of 16 elements, chunks of 4 blocks, so a few hundred elements
+# already cross many block and chunk boundaries cheaply in the interpreter.
+SMALL = {"block": 16, "chunk_blocks": 4}
+
+
+def _interpreted() -> bool:
+    from tolaria.health import triton_kernels
+
+    return triton_kernels.INTERPRETED
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request: pytest.FixtureRequest) -> str:
+    if request.param == "cpu" and not _interpreted():
+        pytest.skip("CPU tensors reach the Triton kernel only under TRITON_INTERPRET=1")
+    return request.param
+
+
+def run_triton(
+    pairs: list[tuple[str, torch.Tensor]], *, block: int | None = None, chunk_blocks: int | None = None
+) -> HealthReport:
+    if block is None and chunk_blocks is None:
+        return check_tensors(pairs, backend="triton")
+    from tolaria.health import plan
+
+    names, tensors = zip(*pairs, strict=True)
+    built = plan.build_plan(plan.plan_key(tensors), tensors, block=block, chunk_blocks=chunk_blocks)
+    return built.check(names, tensors, blocking=True).result()
+
+
+def assert_matches(actual: HealthReport, expected: HealthReport, rel: float) -> None:
+    assert actual.backend == "triton"
+    assert actual.names == expected.names
+    assert actual.nan == expected.nan
+    assert actual.posinf == expected.posinf
+    assert actual.neginf == expected.neginf
+    assert actual.nonfinite == expected.nonfinite
+    assert actual.first_bad == expected.first_bad
+    for name, got, want in zip(
+        actual.names + ["global"],
+        actual.norms + [actual.global_norm],
+        expected.norms + [expected.global_norm],
+        strict=True,
+    ):
+        if math.isfinite(want):
+            assert got == pytest.approx(want, rel=rel, abs=1e-30), name
+        else:
+            assert (math.isnan(got) and math.isnan(want)) or got == want, name
+
+
+def check_against_reference(
+    pairs: list[tuple[str, torch.Tensor]], rel: float, **geometry: int
+) -> HealthReport:
+    names, tensors = zip(*pairs, strict=True)
+    actual = run_triton(pairs, **geometry)
+    assert_matches(actual, reference_check(names, tensors), rel)
+    return actual
+
+
+def randn(numel: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(numel, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sizes_match_reference(device: str, dtype: torch.dtype, size: int) -> None:
+    check_against_reference([("x", randn(size, dtype, device))], REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_block_and_chunk_boundaries(device: str, dtype: torch.dtype) -> None:
+    from tolaria.health import triton_kernels
+
+    block = triton_kernels.block_size(dtype)
+    chunk = block * triton_kernels.CHUNK_BLOCKS
+    sizes = [block - 1, block, block + 1, chunk - 1, chunk, chunk + 1]
+    pairs = [(f"n{n}", randn(n, dtype, device, seed=n)) for n in sizes]
+    # A NaN just after each boundary proves every chunk reports into its own tensor.
+    pairs[2][1][-1] = math.nan
+    pairs[5][1][chunk] = -math.inf
+    check_against_reference(pairs, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_side_of_small_boundaries(device: str, dtype: torch.dtype) -> None:
+    sizes = [n + d for n in (16, 64, 128, 192) for d in (-1, 0, 1)]
+    pairs = [(f"n{n}", randn(n, dtype, device, seed=n)) for n in sizes]
+    for position, (_, tensor) in enumerate(pairs):
+        tensor[(position * 37) % tensor.numel()] = [math.nan, math.inf, -math.inf][position % 3]
+    check_against_reference(pairs, REL_TOL[dtype], **SMALL)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "posinf", "neginf"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fault_positions(device: str, dtype: torch.dtype, value: float, where: str) -> None:
+    sick = randn(65537, dtype, device)
+    sick[{"first": 0, "middle": 32768, "last": 65536}[where]] = value
+    pairs = [
+        ("healthy", randn(1025, dtype, device, seed=1)),
+        ("sick", sick),
+        ("after", randn(7, dtype, device)),
+    ]
+    report = check_against_reference(pairs, REL_TOL[dtype])
+    assert report.first_bad == "sick"
+    assert report.nonfinite == [0, 1, 0]
+
+
+def test_many_faults_counted_exactly(device: str) -> None:
+    tensor = randn(3000, torch.float32, device)
+    tensor[::7] = math.nan
+    tensor[1::11] = math.inf
+    tensor[2::13] = -math.inf
+    report = check_against_reference([("t", tensor)], 1e-4, **SMALL)
+    assert report.nan[0] == int(torch.isnan(tensor).sum())
+    assert report.posinf[0] + report.neginf[0] + report.nan[0] == int((~torch.isfinite(tensor)).sum())
+
+
+@pytest.mark.parametrize("count", [1, 2, 37, 500])
+def test_many_tensors_of_mixed_dtypes(device: str, count: int) -> None:
+    generator = torch.Generator().manual_seed(count)
+    sizes = torch.randint(0, 100, (count,), generator=generator).tolist()
+    pairs = []
+    for index, size in enumerate(sizes):
+        dtype = DTYPES[index % len(DTYPES)]
+        tensor = randn(size, dtype, device, seed=index)
+        if size and index % 17 == 5:
+            tensor[size // 2] = [math.nan, math.inf, -math.inf][index % 3]
+        pairs.append((f"t{index}", tensor))
+    check_against_reference(pairs, 1e-4, **SMALL)
+
+
+def test_non_contiguous_views(device: str) -> None:
+    base = randn(64 * 48, torch.float32, device).view(64, 48)
+    gapped = randn(40 * 40, torch.float32, device).view(40, 40)
+    gapped[:, 30:] = math.nan  # outside the view below: must not be counted
+    gapped[3, 5] = math.inf
+    image = randn(2 * 3 * 8 * 8, torch.float32, device).view(2, 3, 8, 8)
+    pairs = [
+        ("transposed", base.t()),
+        ("gapped", gapped[:, :30]),
+        ("strided", base[::3, 1::2]),
+        ("expanded", randn(48, torch.float32, device).expand(5, 48)),
+        ("unaligned", base.view(-1)[1:]),
+        ("channels_last", image.contiguous(memory_format=torch.channels_last)),
+        ("scalar", torch.tensor(float("-inf"), device=device)),
+        ("half_transposed", randn(300, torch.float16, device).view(20, 15).t()),
+        ("double_sliced", randn(500, torch.float64, device)[7:407:2]),
+    ]
+    report = check_against_reference(pairs, 1e-4, **SMALL)
+    assert report.posinf[1] == 1 and report.nan[1] == 0
+    assert report.first_bad == "gapped"
+
+
+def test_integer_and_exotic_tensors(device: str) -> None:
+    pairs = [
+        ("steps", torch.arange(10, device=device)),
+        ("mask", torch.ones(5, dtype=torch.bool, device=device)),
+        ("x", randn(100, torch.float32, device)),
+    ]
+    if hasattr(torch, "float8_e5m2"):
+        fp8 = randn(64, torch.float32, device).to(torch.float8_e5m2)
+        fp8[3] = math.inf
+        pairs.append(("fp8", fp8))
+    report = check_against_reference(pairs, 1e-4)
+    assert report.nonfinite[:3] == [0, 0, 0]
+    assert report.norms[0] == pytest.approx(math.sqrt(sum(i * i for i in range(10))))
+
+
+def test_bit_identical_twice(device: str) -> None:
+    pairs = [(f"t{i}", randn(300 * i + 1, dtype, device, seed=i)) for i, dtype in enumerate(DTYPES * 2)]
+    first = run_triton(pairs, **SMALL)
+    second = run_triton(pairs, **SMALL)
+    assert [x.hex() for x in first.norms] == [x.hex() for x in second.norms]
+    assert first.global_norm.hex() == second.global_norm.hex()
+    assert run_triton(pairs) == run_triton(pairs)
+
+
+def test_cache_reused_and_rebuilt_when_a_tensor_is_replaced(device: str) -> None:
+    from tolaria.health import plan
+
+    layer = torch.nn.Linear(40, 30).to(device)
+    pairs = list(layer.named_parameters())
+    tensors = [t for _, t in pairs]
+    check_tensors(pairs, backend="triton")
+    cached = plan.cached_plan(plan.plan_key(tensors), tensors)
+    assert cached is not None
+
+    with torch.no_grad():  # in-place writes keep the plan and are seen by the next check
+        layer.bias[4] = math.nan
+    report = check_tensors(pairs, backend="triton")
+    assert plan.cached_plan(plan.plan_key(tensors), tensors) is cached
+    assert report.first_bad == "bias" and report.nan == [0, 1]
+
+    replacement = torch.full((30, 40), math.inf, device=device)
+    layer.weight.data = replacement  # same Parameter object, new storage
+    report = check_tensors(pairs, backend="triton")
+    new_plan = plan.cached_plan(plan.plan_key(tensors), tensors)
+    assert new_plan is not None and new_plan is not cached
+    assert replacement.data_ptr() in new_plan.table.tolist()
+    assert report.posinf == [1200, 0] and report.first_bad == "weight"
+
+    swapped = [("weight", layer.weight), ("bias", torch.zeros(30, device=device))]
+    assert check_tensors(swapped, backend="triton").healthy is False
+    assert check_tensors([("bias", torch.zeros(30, device=device))], backend="triton").healthy
+
+
+def test_strided_layout_change_rebuilds(device: str) -> None:
+    from tolaria.health import plan
+
+    storage = randn(400, torch.float32, device)
+    storage[1] = math.nan
+    wide = storage.view(20, 20)[:, ::2]  # element 1 is outside: stride 2 skips it
+    assert check_tensors([("v", wide)], backend="triton").healthy
+    assert plan.cached_plan(plan.plan_key([wide]), [wide]) is not None
+    odd = storage.as_strided((20, 10), (20, 1))  # same address, bytes and dtype; new strides
+    assert plan.cached_plan(plan.plan_key([odd]), [odd]) is None
+    assert check_tensors([("v", odd)], backend="triton").nan == [1]
+
+
+def test_non_blocking_handle(device: str) -> None:
+    tensor = randn(5000, torch.float32, device)
+    tensor[17] = math.nan
+    handles = [check_tensors([("t", tensor)], backend="triton", blocking=False) for _ in range(5)]
+    for handle in handles:
+        report = handle.result()
+        assert handle.ready()
+        assert report.nan == [1] and report.first_bad == "t"
+
+
+@pytest.mark.cuda
+def test_cuda_auto_and_graph_replay_see_new_data() -> None:
+    from tolaria.health import plan
+
+    params = [(f"p{i}", torch.randn(1000 + i, device="cuda")) for i in range(20)]
+    assert check_tensors(params).backend == "triton"
+    for step in range(4):  # build, capture, replays
+        with torch.no_grad():
+            params[step][1][step] = math.inf
+        report = check_tensors(params)
+        assert report.posinf == [1 if i <= step else 0 for i in range(20)]
+    tensors = [t for _, t in params]
+    built = plan.cached_plan(plan.plan_key(tensors), tensors)
+    assert built is not None
+    if plan.graphs_enabled():
+        assert built.graph is not None, "graph capture fell back to eager launches"
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        handle = check_tensors(params, blocking=False)
+    assert handle.result().posinf[:4] == [1, 1, 1, 1]
+
+
+@pytest.mark.cuda
+def test_cuda_non_blocking_does_not_synchronize() -> None:
+    params = [(f"p{i}", torch.randn(1 << 20, device="cuda")) for i in range(8)]
+    check_tensors(params)  # build
+    check_tensors(params)  # first reuse: capture the CUDA graph (one verifying sync)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: the check below must queue behind it
+    handle = check_tensors(params, blocking=False)
+    assert not handle.ready()
+    assert handle.result().healthy

@@ -1,0 +1,125 @@
+"""Pure-PyTorch health check: the CPU path and the oracle the Triton kernel is tested against.
+
+A healthy model pays for one batched norm per (device, dtype) group and nothing else: the
+squares of a NaN or an Inf make a norm non-finite, so only tensors whose norm is non-finite
+are counted element by element (NaN, +Inf, -Inf apart). A finite tensor whose squares
+overflow fp32 is counted too and comes out with zero non-finite elements and an infinite norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tolaria.health.report import HealthReport, build_report
+
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 keeps its precision; every narrower float accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def integer_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """L2 norm of an integer or bool tensor as a 0-dim fp64 tensor on its device.
+
+    Integer buffers (step counters, index tables) are finite by definition; fp64 keeps their
+    squares exact up to 2**53.
+    """
+    return torch.linalg.vector_norm(tensor.detach().to(torch.float64))
+
+
+def validate_tensors(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> torch.device:
+    """The one device all ``tensors`` live on.
+
+    Raises TypeError for a non-tensor, ValueError for a complex tensor or for tensors on more
+    than one device (naming the first tensor on each).
+    """
+    device: torch.device | None = None
+    first = ""
+    for name, tensor in zip(names, tensors, strict=True):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"named_tensors must yield (str, torch.Tensor) pairs; {name!r} is {type(tensor).__name__}"
+            )
+        if tensor.is_complex():
+            raise ValueError(f"tensor {name!r} is complex ({tensor.dtype}); health checks take real tensors")
+        if device is None:
+            device, first = tensor.device, name
+        elif tensor.device != device:
+            raise ValueError(
+                f"named_tensors must all be on one device: {first!r} is on {device}, "
+                f"{name!r} on {tensor.device}"
+            )
+    assert device is not None, "validate_tensors needs at least one tensor"
+    return device
+
+
+def _group_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    accumulate = accumulation_dtype(dtype)
+    try:
+        # One multi-tensor launch on CUDA; a tight loop of vectorized reductions on CPU.
+        return list(torch._foreach_norm(tensors, 2, dtype=accumulate))
+    except (TypeError, RuntimeError):  # older torch without the dtype argument
+        return [torch.linalg.vector_norm(t, dtype=accumulate) for t in tensors]
+
+
+def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.stack(
+        [torch.isnan(tensor).sum(), torch.isposinf(tensor).sum(), torch.isneginf(tensor).sum()]
+    )
+
+
+def reference_check(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> HealthReport:
+    """Check ``tensors`` with plain torch ops; returns a :class:`HealthReport` in input order.
+
+    Reads the results back to the host (one read per device for the norms, and one per tensor
+    whose norm is not finite). Integer and bool tensors count zero non-finite elements and get an fp64
+    norm. Raises ValueError for complex tensors.
+    """
+    if len(names) != len(tensors):
+        raise ValueError(f"names and tensors differ in length: {len(names)} != {len(tensors)}")
+    count = len(tensors)
+    # Group members as (input index, tensor as read); fp8 and friends are read widened to fp32.
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+    integers: list[tuple[int, torch.Tensor]] = []
+    for index, tensor in enumerate(tensors):
+        dtype = tensor.dtype
+        if dtype not in _NATIVE_DTYPES:
+            if tensor.is_complex():
+                raise ValueError(
+                    f"tensor {names[index]!r} is complex ({dtype}); health checks take real tensors"
+                )
+            if not tensor.is_floating_point():
+                integers.append((index, tensor))
+                continue
+            tensor, dtype = tensor.detach().to(torch.float32), torch.float32
+        groups.setdefault((tensor.device, dtype), []).append((index, tensor))
+
+    norms = [0.0] * count
+    nan = [0] * count
+    posinf = [0] * count
+    neginf = [0] * count
+    with torch.no_grad():  # no autograd bookkeeping, so parameters need no detach()
+        per_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
+        for (device, dtype), members in groups.items():
+            order, pieces = per_device.setdefault(device, ([], []))
+            order.extend(index for index, _ in members)
+            pieces.append(torch.stack(_group_norms([t for _, t in members], dtype)).to(torch.float64))
+        for index, tensor in integers:
+            order, pieces = per_device.setdefault(tensor.device, ([], []))
+            order.append(index)
+            pieces.append(integer_norm(tensor).reshape(1))
+        for order, pieces in per_device.values():
+            for index, value in zip(order, torch.cat(pieces).tolist(), strict=True):
+                norms[index] = value
+
+        if not all(map(math.isfinite, norms)):  # rare: a tensor is sick or overflows its squares
+            for members in groups.values():
+                for index, tensor in members:
+                    if not math.isfinite(norms[index]):
+                        nan[index], posinf[index], neginf[index] = _count_nonfinite(tensor).tolist()
+    return build_report(names, norms, nan, posinf, neginf, "reference")

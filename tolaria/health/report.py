@@ -1,0 +1,153 @@
+"""The verdict of one health check over a list of named tensors, and the handles that deliver it."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Per-tensor findings, in the order the tensors were given.
+
+    ``nonfinite[i] == nan[i] + posinf[i] + neginf[i]``; ``norms[i]`` is the L2 norm of tensor
+    ``i`` computed in fp32 (fp64 for fp64 tensors) and is NaN/Inf when the tensor is sick.
+    ``global_norm`` is ``sqrt(sum(norms**2))``. ``first_bad`` names the first tensor with a
+    non-finite element, or is None when every tensor is finite.
+    """
+
+    names: list[str]
+    nonfinite: list[int]
+    nan: list[int]
+    posinf: list[int]
+    neginf: list[int]
+    norms: list[float]
+    global_norm: float
+    first_bad: str | None
+    backend: str
+
+    @property
+    def healthy(self) -> bool:
+        """True when no tensor holds a NaN or an Inf."""
+        return self.first_bad is None
+
+    @property
+    def total_nonfinite(self) -> int:
+        return sum(self.nonfinite)
+
+
+def _root_of_sum(squares: Sequence[float]) -> float:
+    try:
+        return math.sqrt(math.fsum(squares))
+    except OverflowError:  # fsum refuses finite partial sums beyond the fp64 range
+        return math.inf
+
+
+def build_report(
+    names: Sequence[str],
+    norms: Sequence[float],
+    nan: Sequence[int],
+    posinf: Sequence[int],
+    neginf: Sequence[int],
+    backend: str,
+    *,
+    squares: Sequence[float] | None = None,
+) -> HealthReport:
+    """Assemble a report; ``squares`` (per-tensor sums of squares) gives a more exact global norm."""
+    nonfinite = [a + b + c for a, b, c in zip(nan, posinf, neginf, strict=True)]
+    first_bad = next((name for name, bad in zip(names, nonfinite, strict=True) if bad), None)
+    global_norm = _root_of_sum(squares if squares is not None else [n * n for n in norms])
+    return HealthReport(
+        names=list(names),
+        nonfinite=nonfinite,
+        nan=list(nan),
+        posinf=list(posinf),
+        neginf=list(neginf),
+        norms=list(norms),
+        global_norm=global_norm,
+        first_bad=first_bad,
+        backend=backend,
+    )
+
+
+def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], backend: str) -> HealthReport:
+    """Build a report from the kernel's ``[4][T]`` rows: sums of squares, NaN, +Inf, -Inf counts."""
+    squares, nan, posinf, neginf = sums
+    return build_report(
+        names,
+        [math.sqrt(s) for s in squares],
+        [int(c) for c in nan],
+        [int(c) for c in posinf],
+        [int(c) for c in neginf],
+        backend,
+        squares=squares,
+    )
+
+
+class HealthHandle:
+    """A health check in flight: ``ready()`` never blocks, ``result()`` waits for the report."""
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def result(self) -> HealthReport:
+        raise NotImplementedError
+
+
+class ReadyHealth(HealthHandle):
+    """A check that finished before its call returned (CPU tensors, the reference backend)."""
+
+    def __init__(self, report: HealthReport) -> None:
+        self._report = report
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self) -> HealthReport:
+        return self._report
+
+
+class ResultSlot:
+    """A pinned host buffer for one ``[4, T]`` fp64 result and the event that says it landed.
+
+    ``owner`` weakly names the handle still to read it: a slot whose handle was read or dropped
+    may be reused (a copy still in flight into it is stream-ordered before the next one).
+    """
+
+    __slots__ = ("host", "event", "owner")
+
+    def __init__(self, num_tensors: int) -> None:
+        self.host = torch.empty((4, num_tensors), dtype=torch.float64, pin_memory=True)
+        self.event = torch.cuda.Event()
+        self.owner: weakref.ref[PendingHealth] | None = None
+
+    def is_free(self) -> bool:
+        return self.owner is None or self.owner() is None
+
+
+class PendingHealth(HealthHandle):
+    """A CUDA check whose result is being copied into a pinned :class:`ResultSlot`."""
+
+    def __init__(self, names: Sequence[str], slot: ResultSlot, backend: str) -> None:
+        self._names = names
+        self._slot: ResultSlot | None = slot
+        self._report: HealthReport | None = None
+        self._backend = backend
+        slot.owner = weakref.ref(self)
+
+    def ready(self) -> bool:
+        return self._slot is None or self._slot.event.query()
+
+    def result(self) -> HealthReport:
+        slot = self._slot
+        if slot is not None:
+            slot.event.synchronize()
+            self._report = report_from_sums(self._names, slot.host.tolist(), self._backend)
+            slot.owner = None  # the plan may now reuse the buffer
+            self._slot = None
+        assert self._report is not None
+        return self._report
