@@ -145,7 +145,7 @@ def run(device: str, quick: bool) -> list[Measurement]:
     rows: list[Measurement] = []
     for name, shapes in scenarios:
         pairs = _make(shapes, device)
-        rows += _scenario(name, pairs, device, quick)
+        rows += _scenario(f"health/{name}", pairs, device, quick)
         del pairs
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one script to run on a lent GPU machine (no network there): build, CUDA tests, bench,
+# then the whole suite. Everything lands under $OUT (logs, bench.json, results CSV, PNG), and a
+# short summary is printed last. Budget: under 8 minutes on an H100.
+#   OUT=/tmp/out bash bench/gpu_check.sh          # full
+#   QUICK=1 OUT=/tmp/out bash bench/gpu_check.sh  # bench --quick, for a short lease
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:?set OUT to a folder for the results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOLARIA_REQUIRE_NATIVE=1
+unset TRITON_INTERPRET
+python=python3
+status=()
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  status+=("$name: rc=$rc")
+  return "$rc"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+step build 240 $python -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${status[@]}"; exit 1; }
+step doctor 60 $python -m tolaria doctor
+step cuda-tests 240 $python -m pytest -m cuda -q -rfE -p no:cacheprovider
+quick=()
+[ "${QUICK:-0}" = 1 ] && quick=(--quick)
+step bench 420 $python -m bench.runner --device cuda "${quick[@]}" --out "$OUT" --no-csv
+# The CSV rows go to $OUT so that the caller commits them under bench/results/.
+$python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from bench.common import Measurement
+from bench.runner import append_csv
+out = Path(sys.argv[1])
+data = json.loads((out / "bench.json").read_text())
+rows = [Measurement(**{k: v for k, v in r.items() if k != "baseline"}) for r in data["rows"]]
+append_csv(rows, out / "results.csv", stamp=data["timestamp"], sha=data["git_sha"], torch_version=data["torch"])
+PY
+step full-suite "${FULL_SUITE_LIMIT:-240}" $python -m pytest -q -x -rfE -p no:cacheprovider
+echo
+echo "== summary"
+cat "$OUT/gpu.txt"
+printf '%s\n' "${status[@]}"
+[ -f "$OUT/bench.json" ] && $python -c "import json,sys; [print('-', l) for l in json.load(open(sys.argv[1]))['summary']]" "$OUT/bench.json"
