@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cuda_probe.h"
+#include "snapshot_bindings.h"
 
 namespace py = pybind11;
 
@@ -37,4 +38,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_runtime_available", &tolaria::cuda_runtime_available,
         "True when this build has CUDA and a driver with at least one device is present; "
         "False otherwise, without raising or printing.");
+  tolaria::register_snapshot(m);
 }

@@ -21,3 +21,122 @@ def build_info() -> BuildInfo:
 def cuda_runtime_available() -> bool:
     """True when the CUDA part was compiled and a driver with at least one device is present.
     Returns False (never raises, never prints) on a machine without a driver or GPU."""
+
+# ---- snapshot engine (csrc/host_arena.*, csrc/cuda_snapshot.*, csrc/snapshot_bindings.cpp) ----
+# The byte-moving primitives behind tolaria.snapshot.native; the verify/commit policy lives
+# in Python. Calls that copy, allocate or wait release the GIL.
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed; the message names the call and carries cudaGetErrorString.
+    Raised by every CUDA call of a build without CUDA, too."""
+
+class ArenaLayout:
+    """Where each tensor lives in an arena: tensor ``i`` occupies bytes
+    ``[offsets[i], offsets[i] + sizes[i])`` of chunk ``chunk_index[i]``."""
+
+    @property
+    def sizes(self) -> list[int]: ...
+    @property
+    def chunk_index(self) -> list[int]: ...
+    @property
+    def offsets(self) -> list[int]: ...
+    @property
+    def chunk_sizes(self) -> list[int]: ...
+    @property
+    def alignment(self) -> int: ...
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the chunk sizes (payload plus alignment padding), in bytes."""
+
+def plan_layout(sizes: list[int], alignment: int = 256, chunk_bytes: int = 1 << 30) -> ArenaLayout:
+    """Pack byte ``sizes`` (each > 0) in order at offsets that are multiples of ``alignment``
+    (a power of two >= 256), in chunks of at most ``chunk_bytes``; a tensor larger than that
+    gets a chunk of its own, and no tensor straddles two chunks.
+
+    Raises ValueError for a zero size, a bad alignment or ``chunk_bytes == 0``."""
+
+class HostChunk:
+    """One host allocation of an arena. Supports the buffer protocol (writable bytes), so
+    ``torch.frombuffer(chunk, dtype=torch.uint8, count=n, offset=o)`` views it; such views keep
+    the chunk alive after its arena is gone."""
+
+    @property
+    def address(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def pinned(self) -> bool: ...
+
+class HostArena:
+    """Host memory for one copy of a layout: one chunk per ``chunk_sizes`` entry.
+
+    With ``pin=True`` every chunk comes from ``cudaHostAlloc`` (portable) on ``device``; if any
+    chunk cannot be pinned (no driver, no memory, a build without CUDA) all chunks are pageable
+    instead and ``fallback_reason`` says why. Every chunk is zeroed at allocation (padding between
+    slots reads as 0); pageable chunks are page aligned (2 MiB with transparent huge pages when
+    large), so the first capture pays no page faults. Raises MemoryError when even pageable
+    memory is exhausted."""
+
+    def __init__(self, chunk_sizes: list[int], pin: bool = False, device: int = 0) -> None: ...
+    @property
+    def chunks(self) -> list[HostChunk]: ...
+    @property
+    def pinned(self) -> bool: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why pinning was refused (the arena is then pageable), or None."""
+
+class CopyPlan:
+    """The host addresses of one arena's slots (from ``layout``), so that each capture or
+    restore passes only the live tensors' addresses. ``addresses[i]`` is the first byte of a
+    contiguous tensor paired with slot ``i``, or with slot ``slots[i]`` when ``slots`` is given
+    (a subset in any order); each copy moves that slot's ``layout.sizes`` bytes. Keeps
+    ``arena`` alive.
+
+    Every method raises ValueError when the counts disagree, a slot index is out of range or
+    an address is 0."""
+
+    def __init__(self, arena: HostArena, layout: ArenaLayout) -> None: ...
+    @property
+    def slot_count(self) -> int: ...
+    @property
+    def total_bytes(self) -> int:
+        """Payload bytes (sum of the slot sizes)."""
+    @property
+    def host_addresses(self) -> list[int]: ...
+    @property
+    def arena(self) -> HostArena: ...
+    def capture_host(self, addresses: list[int], threads: int = 0, slots: list[int] = ...) -> None:
+        """memcpy each CPU tensor into its slot; large copies (>= 16 MiB in all) are split by
+        bytes across up to ``threads`` threads (0: the hardware's count, at most 8). Blocking."""
+    def restore_host(self, addresses: list[int], threads: int = 0, slots: list[int] = ...) -> None:
+        """memcpy each slot back into its CPU tensor. Blocking."""
+    def capture_device(self, addresses: list[int], stream: int, device: int, slots: list[int] = ...) -> None:
+        """Enqueue device-to-host copies of each CUDA tensor into its slot on ``stream`` (a
+        ``cudaStream_t`` as int) with ``cudaMemcpyBatchAsync`` (a ``cudaMemcpyAsync`` loop on
+        the legacy default stream 0 or an older runtime). Returns before the copies complete.
+        Raises CudaError."""
+    def restore_device(self, addresses: list[int], stream: int, device: int, slots: list[int] = ...) -> None:
+        """``cudaDeviceSynchronize``, then host-to-device copies of each slot into its CUDA
+        tensor on ``stream`` (batched), then ``cudaStreamSynchronize(stream)``. Raises CudaError."""
+
+class CudaEvent:
+    """A ``cudaEvent_t`` with timing disabled, created on ``device``. Every call selects
+    ``device`` for its duration and restores the thread's previous device. Raises CudaError."""
+
+    def __init__(self, device: int) -> None: ...
+    @property
+    def device(self) -> int: ...
+    def record(self, stream: int) -> None:
+        """Capture the work queued on ``stream`` so far."""
+    def block_stream(self, stream: int) -> None:
+        """Make ``stream`` wait, on the GPU, for the last ``record()``; the host does not wait."""
+    def query(self) -> bool:
+        """True when the recorded work has completed (or nothing was recorded)."""
+    def synchronize(self) -> None:
+        """Block the calling thread (GIL released) until the recorded work has completed."""
+
+def cuda_batch_copy_compiled() -> bool:
+    """True when copies are batched with ``cudaMemcpyBatchAsync`` (built with CUDA >= 12.8)."""

@@ -1,0 +1,397 @@
+"""The native snapshot store: a host arena per tensor-set structure, filled by ``tolaria._C``.
+
+Layout (:mod:`tolaria.snapshot.native_layout`): one plan per structure (keys, shapes, dtypes,
+devices, contiguity, which keys share memory), cached and compared on every capture, so a
+steady-state capture walks no state dict and allocates nothing. Each arena holds every slot at
+a 256-byte aligned offset; tied tensors are stored once; pinned (``cudaHostAlloc``, in chunks of
+``chunk_bytes``) for CUDA tensors, pageable with a ``SNAPSHOT_DEGRADED`` event if pinning fails.
+
+Double buffering (default): the committed LKG and a staging arena. A capture writes staging; a
+clean resolve swaps the two, so the LKG changes in one step and a sick, failed or discarded
+capture never touches it. ``double_buffer=False`` halves host memory with a weaker guarantee:
+the one arena *is* the LKG, so a capture overwrites it in place and the store has no LKG from
+the start of a capture until that capture is committed. A sick or failed capture then leaves
+nothing to roll back to, and a rollback while a capture is staged raises.
+
+CPU capture: ``memcpy`` of every contiguous tensor (GIL released, split across threads for large
+arenas); the staging bytes are then checked one region per dtype (padding is zero), and per key
+only to name a sick one.
+
+CUDA capture, in this order:
+
+1. buffers and non-contiguous tensors are copied into a private device scratch on the caller's
+   current stream (stream order: forward's BatchNorm updates queued later cannot reach them);
+2. event *ready* is recorded on the caller's stream and the engine's side stream waits on it;
+3. the side stream enqueues every device→host copy (one ``cudaMemcpyBatchAsync``) from the live
+   parameters and from the scratch into the pinned staging arena;
+4. the fused health check of exactly those device tensors is enqueued on the side stream
+   (``check_tensors(..., blocking=False)``), and event *done* is recorded after it.
+
+Why the checked bytes are the committed bytes: the check and the copies read the same device
+memory on one stream, both after *ready* and before *done*. Nothing writes that memory in
+between: the scratch belongs to the store, and parameters are written only by the optimizer,
+whose step waits on *done* (:meth:`make_stream_wait`, installed by the Governor as a step
+pre-hook). Without that hook a step may overwrite parameters under the copy: a torn capture.
+Tensors must not be freed or have their storage replaced while a capture is in flight.
+
+Which tensors count as parameters: ``nn.Parameter`` instances, so pass
+``model.state_dict(keep_vars=True)`` (or named parameters and buffers). Detached tensors are
+treated as buffers: still correct, but each goes through the device scratch (extra device
+memory and a device-to-device copy on the caller's stream).
+
+The health check's first reuse of a plan captures a CUDA graph and compares its replay with the
+host, which waits for the side stream once: the second capture of a tensor set blocks until its
+copy is done; from the third on, ``capture()`` returns while the copy runs.
+
+Restore: synchronize the device, one batched host→device copy from the committed arena into
+the live tensors on the side stream, synchronize that stream; non-contiguous or moved targets go
+through ``Tensor.copy_``. Parameter objects keep their identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tolaria import _ext, telemetry
+from tolaria.health import HealthHandle, HealthReport, check_tensors
+from tolaria.snapshot.native_cuda import CudaEngine
+from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer, signature_of
+from tolaria.snapshot.store import (
+    CaptureTicket,
+    NamedTensors,
+    Resolution,
+    RestoreResult,
+    SnapshotStore,
+    check_restore_targets,
+    normalize_named_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    """A staged capture: its buffer, the tensors it reads (kept alive until it is resolved) and,
+    on CUDA, its health handle and done-event."""
+
+    buffer: HostBuffer
+    tensors: tuple[torch.Tensor, ...]
+    health: HealthHandle | None = None
+    done: Any = None  # tolaria._C.CudaEvent
+
+
+class NativeSnapshotStore(SnapshotStore):
+    """:class:`SnapshotStore` backed by the compiled engine (see the module docstring).
+
+    Args:
+        health_backend: passed to :func:`tolaria.health.check_tensors` to verify captures.
+        pin_memory: pin the arenas; None (default) pins when the tensors are on CUDA.
+        double_buffer: keep a staging arena beside the LKG (default). False halves host memory,
+            but a capture then overwrites the LKG in place (see the module docstring).
+        threads: CPU copy threads for large arenas; 0 picks the hardware's count (at most 8).
+        chunk_bytes: largest single host allocation; larger arenas are split into chunks.
+        alignment: byte alignment of every slot, a power of two >= 256.
+
+    Raises:
+        ImportError: the compiled extension is unavailable (the message says why).
+        TypeError, ValueError: a malformed argument (named in the message).
+    """
+
+    backend = "native"
+
+    def __init__(
+        self,
+        *,
+        health_backend: str = "auto",
+        pin_memory: bool | None = None,
+        double_buffer: bool = True,
+        threads: int = 0,
+        chunk_bytes: int = 1 << 30,
+        alignment: int = 256,
+    ) -> None:
+        self._native = _ext.require_extension()
+        if pin_memory is not None and not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be True, False or None, got {type(pin_memory).__name__}")
+        if not isinstance(double_buffer, bool):
+            raise TypeError(f"double_buffer must be True or False, got {type(double_buffer).__name__}")
+        limits = (("threads", threads, 0), ("chunk_bytes", chunk_bytes, 1), ("alignment", alignment, 256))
+        for name, value, low in limits:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two >= 256, got {alignment}")
+        self.health_backend = health_backend
+        self.pin_memory = pin_memory
+        self.double_buffer = double_buffer
+        self.threads = threads
+        self.chunk_bytes = chunk_bytes
+        self.alignment = alignment
+        self._cuda = CudaEngine(self._native)
+        self._plan: ArenaPlan | None = None
+        self._lkg: HostBuffer | None = None
+        self._spare: HostBuffer | None = None
+        self._pending: _Pending | None = None
+        self._lkg_dict: dict[str, torch.Tensor] | None = None
+        self._last_resolution: Resolution | None = None
+        self._reported_degraded = False
+
+    # -- capture -------------------------------------------------------------------------------
+    def capture(self, named_tensors: NamedTensors, *, meta: object = None) -> CaptureTicket:
+        keys, tensors, signature = self._read(named_tensors)
+        if self._pending is not None:
+            self.resolve()
+        plan, rebuilt = self._plan, False
+        if plan is None or plan.signature != signature or not plan.ties_hold(tensors):
+            items = list(zip(keys, tensors, strict=True))
+            normalize_named_tensors(items)  # a new structure is validated in full, once
+            plan = self._plan = ArenaPlan(
+                items, signature, self._native, alignment=self.alignment, chunk_bytes=self.chunk_bytes
+            )
+            rebuilt = True
+        staging = self._take_staging(plan)
+        staging.meta = meta
+        pending = _Pending(staging, tensors)
+        try:
+            with torch.no_grad():
+                if plan.device.type == "cuda":
+                    pending.health, pending.done = self._cuda.capture(
+                        plan, staging, tensors, self.health_backend
+                    )
+                else:
+                    self._capture_cpu(plan, staging, tensors)
+        except BaseException:
+            self._abandon(pending)
+            raise
+        self._pending = pending
+        return CaptureTicket(plan.keys, plan.nbytes, in_flight=pending.done is not None, rebuilt=rebuilt)
+
+    @staticmethod
+    def _read(named: NamedTensors) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...], Any]:
+        """Keys, tensors and signature without a per-item Python loop; malformed input falls
+        through to :func:`normalize_named_tensors`, which raises the documented error."""
+        items: Any = named
+        try:
+            if isinstance(named, Mapping):
+                keys, tensors = tuple(named), tuple(named.values())
+            else:
+                items = list(named)
+                keys, tensors = tuple(zip(*items, strict=True)) if items else ((), ())
+            return keys, tensors, signature_of(keys, tensors)
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            normalize_named_tensors(items)
+            raise
+
+    def _take_staging(self, plan: ArenaPlan) -> HostBuffer:
+        """The buffer this capture writes: the spare if it fits the plan, else a new one."""
+        candidates = [self._spare]
+        if not self.double_buffer:
+            # One arena only: it is about to be overwritten, so it stops being an LKG now.
+            candidates.append(self._lkg)
+            self._lkg, self._lkg_dict = None, None
+        self._spare = None
+        for buffer in candidates:
+            if buffer is not None and buffer.plan is plan:
+                return buffer
+        pin = plan.device.type == "cuda" if self.pin_memory is None else self.pin_memory
+        buffer = HostBuffer(plan, self._native, pin=pin)
+        if buffer.fallback_reason:
+            self._report_degraded(buffer.fallback_reason)
+        return buffer
+
+    def _capture_cpu(self, plan: ArenaPlan, staging: HostBuffer, tensors: tuple[torch.Tensor, ...]) -> None:
+        if plan.direct and staging.copier is not None:
+            addresses = plan.direct_addresses(tensors)
+            staging.copier.capture_host(addresses, self.threads, [] if plan.all_direct else plan.direct)
+        for slot in plan.foreign:
+            staging.slot_views[slot].copy_(tensors[plan.slot_key[slot]])
+
+    def _abandon(self, pending: _Pending) -> None:
+        """A capture failed: wait out whatever it enqueued, keep its buffer as the spare."""
+        if pending.buffer.plan.device.type == "cuda":
+            self._cuda.drain(pending.buffer.plan.device)
+        pending.buffer.meta = None
+        self._spare = pending.buffer
+
+    def _report_degraded(self, reason: str) -> None:
+        logger.warning("snapshot arena could not be pinned, using pageable memory: %s", reason)
+        if self._reported_degraded:
+            return
+        self._reported_degraded = True
+        telemetry.emit_event(
+            telemetry.TelemetryEventType.SNAPSHOT_DEGRADED,
+            telemetry.Severity.WARNING,
+            "snapshot arena is pageable: pinning failed",
+            telemetry.SnapshotDegradedPayload(backend=self.backend, mode="pageable", reason=reason),
+        )
+
+    # -- verify and commit ---------------------------------------------------------------------
+    def resolve(self) -> Resolution | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        buffer = pending.buffer
+        try:
+            if pending.done is not None:
+                pending.done.synchronize()
+            report, first_bad, healthy = self._verify(pending)
+        except BaseException:
+            self._abandon(pending)
+            raise
+        if healthy:
+            if self.double_buffer:
+                self._spare = self._lkg
+            self._lkg, self._lkg_dict = buffer, None
+        else:
+            buffer.meta = None
+            self._spare = buffer
+        plan = buffer.plan
+        self._last_resolution = Resolution(healthy, plan.keys, plan.nbytes, report, first_bad)
+        return self._last_resolution
+
+    def _verify(self, pending: _Pending) -> tuple[HealthReport | None, str | None, bool]:
+        """Health of exactly the captured bytes: on CUDA the side-stream check of the device
+        tensors the copies read (plus foreign slots on the host), on CPU the staging regions."""
+        buffer, plan = pending.buffer, pending.buffer.plan
+        host_checks = buffer.regions
+        report: HealthReport | None = None
+        if pending.health is not None:
+            report = pending.health.result()
+            host_checks = buffer.slot_checks(plan.foreign)
+        host_report = check_tensors(host_checks, backend=self._host_backend()) if host_checks else None
+        healthy = all(r is None or r.healthy for r in (report, host_report))
+        if healthy:
+            return report or host_report, None, True
+        detail = check_tensors(buffer.checkable_key_views(), backend=self._host_backend())
+        first_bad = detail.first_bad or (report.first_bad if report is not None else None)
+        return detail, first_bad, False
+
+    def _host_backend(self) -> str:
+        # Staging bytes live on the host, where Triton runs only under its interpreter.
+        return "reference" if self.health_backend == "auto" else self.health_backend
+
+    def _discard_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.done is not None:
+            pending.done.synchronize()  # the copy may still read tensors about to be written
+        pending.buffer.meta = None
+        self._spare = pending.buffer
+
+    # -- restore -------------------------------------------------------------------------------
+    def restore(self, targets: NamedTensors) -> RestoreResult:
+        items = normalize_named_tensors(targets, argument="targets")
+        lkg = self._lkg
+        if lkg is None:
+            raise RuntimeError("no committed Last Known Good snapshot to restore")
+        saved = lkg.key_views()
+        check_restore_targets(saved, items)
+        self._discard_pending()
+        plan = lkg.plan
+        addresses: list[int] = []
+        slots: list[int] = []
+        fallback: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        restored = []
+        for key, live in items:
+            key_index = plan.key_index.get(key)
+            if key_index is None:
+                continue
+            restored.append(key)
+            slot = plan.key_slot[key_index]
+            if slot < 0:
+                continue  # empty tensor: nothing to write
+            if live.device == plan.device and live.is_contiguous() and not (live.is_conj() or live.is_neg()):
+                address = live.data_ptr()
+                if address not in seen:  # tied targets: one write
+                    seen.add(address)
+                    addresses.append(address)
+                    slots.append(slot)
+            else:  # non-contiguous, a lazy conjugate/negative view, or the model moved
+                fallback.append((live, lkg.slot_views[slot]))
+        self._write_back(lkg, addresses, slots, fallback)
+        target_keys = {key for key, _ in items}
+        return RestoreResult(
+            restored_keys=tuple(restored),
+            missing_keys=tuple(key for key, _ in items if key not in saved),
+            unexpected_keys=tuple(key for key in plan.keys if key not in target_keys),
+        )
+
+    def _write_back(
+        self,
+        lkg: HostBuffer,
+        addresses: list[int],
+        slots: list[int],
+        fallback: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        devices = {live.device for live, _ in fallback if live.is_cuda}
+        for device in devices:
+            torch.cuda.synchronize(device)
+        if addresses and lkg.copier is not None:
+            if lkg.plan.device.type == "cuda":
+                self._cuda.restore(lkg, addresses, slots)
+            else:
+                lkg.copier.restore_host(addresses, self.threads, slots)
+        with torch.no_grad():
+            for live, saved in fallback:
+                live.data.copy_(saved)
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    # -- inspection ----------------------------------------------------------------------------
+    @property
+    def last_good_state(self) -> dict[str, torch.Tensor] | None:
+        if self._pending is not None:
+            self.resolve()
+        if self._lkg is None:
+            return None
+        if self._lkg_dict is None:
+            self._lkg_dict = dict(self._lkg.key_views())
+        return self._lkg_dict
+
+    @property
+    def lkg_meta(self) -> object:
+        if self._pending is not None:
+            self.resolve()
+        return None if self._lkg is None else self._lkg.meta
+
+    @property
+    def has_lkg(self) -> bool:
+        return self._lkg is not None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return () if self._lkg is None else self._lkg.plan.keys
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def last_resolution(self) -> Resolution | None:
+        return self._last_resolution
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the committed LKG lives in pinned memory."""
+        return self._lkg is not None and self._lkg.pinned
+
+    def make_stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        pending = self._pending
+        if pending is None or pending.done is None:
+            return
+        target = stream if stream is not None else torch.cuda.current_stream(pending.buffer.plan.device)
+        pending.done.block_stream(target.cuda_stream)
+
+    def close(self) -> None:
+        self._discard_pending()
+        self._lkg = self._spare = self._plan = None
+        self._lkg_dict = None
+
+
+__all__ = ["NativeSnapshotStore"]

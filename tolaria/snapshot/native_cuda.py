@@ -1,0 +1,106 @@
+"""The CUDA half of the native snapshot store: side streams, events and the capture sequence.
+
+See :mod:`tolaria.snapshot.native` for the ordering argument; this module only carries it out.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from tolaria.health import HealthHandle, check_tensors
+from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer
+
+logger = logging.getLogger(__name__)
+
+# One fused launch per dtype for many small buffers; a plain loop where torch lacks it.
+_copy_all = getattr(torch, "_foreach_copy_", None)
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+class CudaEngine:
+    """Per-device side streams and ready/done events (``tolaria._C.CudaEvent``), created once."""
+
+    def __init__(self, native: ModuleType) -> None:
+        self._native = native
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._events: dict[int, tuple[Any, Any]] = {}
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device_index(device)
+        stream = self._streams.get(index)
+        if stream is None:
+            # torch creates streams non-blocking: they never serialize with the legacy default
+            # stream the training loop usually runs on, so the copies overlap its kernels.
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        return stream
+
+    def _ready_done(self, index: int) -> tuple[Any, Any]:
+        events = self._events.get(index)
+        if events is None:
+            events = self._events[index] = (self._native.CudaEvent(index), self._native.CudaEvent(index))
+        return events
+
+    def capture(
+        self, plan: ArenaPlan, staging: HostBuffer, tensors: tuple[torch.Tensor, ...], health_backend: str
+    ) -> tuple[HealthHandle, Any]:
+        """Enqueue the capture of ``tensors`` into ``staging``; returns (health handle, done-event).
+
+        Call under ``torch.no_grad()``. Returns once everything is enqueued: the host waits only
+        for ``foreign`` slots (other devices), which are copied synchronously.
+        """
+        device = plan.device
+        index = device_index(device)
+        caller = torch.cuda.current_stream(device)
+        side = self.side_stream(device)
+        ready, done = self._ready_done(index)
+        addresses = plan.direct_addresses(tensors)
+        checks: list[tuple[str, torch.Tensor]] = []
+        if plan.ordered:
+            scratch = plan.scratch()
+            sources = [tensors[plan.slot_key[slot]] for slot in plan.ordered]
+            # On the caller's stream, before `ready`: the values as of the work queued so far.
+            if _copy_all is not None:
+                _copy_all(scratch.views, sources)
+            else:
+                for view, source in zip(scratch.views, sources, strict=True):
+                    view.copy_(source)
+            addresses += scratch.addresses
+            checks += scratch.checks
+        for slot in plan.foreign:
+            staging.slot_views[slot].copy_(tensors[plan.slot_key[slot]])
+        ready.record(caller.cuda_stream)
+        ready.block_stream(side.cuda_stream)
+        if staging.copier is not None and addresses:
+            staging.copier.capture_device(addresses, side.cuda_stream, index, plan.device_slots)
+        for key_index, is_complex in plan.direct_checks:
+            tensor = tensors[key_index]
+            checks.append((plan.keys[key_index], torch.view_as_real(tensor) if is_complex else tensor))
+        with torch.cuda.stream(side):
+            health = check_tensors(checks, backend=health_backend, blocking=False)
+        done.record(side.cuda_stream)
+        return health, done
+
+    def restore(self, lkg: HostBuffer, addresses: list[int], slots: list[int]) -> None:
+        """Device sync, batched host→device copies on the side stream, side-stream sync."""
+        assert lkg.copier is not None
+        device = lkg.plan.device
+        lkg.copier.restore_device(
+            addresses, self.side_stream(device).cuda_stream, device_index(device), slots
+        )
+
+    def drain(self, device: torch.device) -> None:
+        """Wait for whatever a failed capture left on the side stream; never raises."""
+        try:
+            self.side_stream(device).synchronize()
+        except RuntimeError as exc:  # the device is already failing; the caller's error wins
+            logger.debug("side stream synchronize after a failed capture: %s", exc)
+
+
+__all__ = ["CudaEngine", "device_index"]
