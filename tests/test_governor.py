@@ -85,6 +85,7 @@ def test_signature_defaults_and_attributes_match_the_original() -> None:
         "check_gradients",
         "snapshot_backend",
         "health_backend",
+        "process_group",
     ]
     model = small_model()
     gov = TolariaGovernor(model, 5.0, 2.0, 11.0, 7.0, 15, 2)

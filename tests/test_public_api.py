@@ -45,7 +45,8 @@ def test_governor_signature_is_the_original_one_plus_keyword_only_options() -> N
 
 def test_governor_report_keeps_original_fields_first() -> None:
     names = [f.name for f in dataclasses.fields(tolaria.GovernorReport)]
-    assert names[:5] == ["reason", "loss_at_panic", "loss_threshold", "consecutive_panics", "rollback_occurred"]
+    original = ["reason", "loss_at_panic", "loss_threshold", "consecutive_panics", "rollback_occurred"]
+    assert names[:5] == original
 
 
 def test_rollback_signature() -> None:

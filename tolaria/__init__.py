@@ -17,6 +17,7 @@ from tolaria.constants import (
     DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
     MIN_GOVERNOR_HISTORY_SAMPLES,
 )
+from tolaria.distributed import DistributedGovernorError
 from tolaria.environment import create_model, parse_device, validate_device
 from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
 from tolaria.health import HealthReport, check_tensors
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_MIN_PANICS_BEFORE_ROLLBACK",
     "MIN_GOVERNOR_HISTORY_SAMPLES",
     "CallbackSink",
+    "DistributedGovernorError",
     "GovernorReport",
     "HealthReport",
     "JsonlSink",

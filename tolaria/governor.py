@@ -19,11 +19,11 @@ patch ``tolaria.governor.get_hub``.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,8 +40,10 @@ from tolaria.constants import (
     DEFAULT_GOVERNOR_SENSITIVITY,
     DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
 )
-from tolaria.snapshot import Resolution, make_store
+from tolaria.distributed import make_decisions
+from tolaria.snapshot import Resolution, contents, make_store
 from tolaria.snapshot import store as snap
+from tolaria.snapshot.contents import SEED_SLOTS_PREFIX, SnapshotInfo
 from tolaria.telemetry import get_hub
 from tolaria.vitals import Panic, Watch, check_number
 
@@ -49,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 #: ``GovernorReport.reason`` of a rollback that no panic preceded.
 REASON_MANUAL_ROLLBACK = "governor_manual_rollback"
-SEED_SLOTS_PREFIX = "seed_slots."
 
 
 @dataclass(frozen=True)
@@ -79,32 +80,6 @@ class GovernorReport:
     optimizer_state: str = "untouched"
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """What one :meth:`TolariaGovernor.snapshot` did. ``keys_captured`` are model state-dict keys
-    (optimizer state travels too but is not listed); ``keys_excluded`` belong to non-fossilized
-    seeds. ``bytes`` counts tied tensors once. ``seconds`` is how long the call blocked the host.
-    ``committed`` is None while an asynchronous (CUDA) capture is still in flight: it is then
-    verified at the next snapshot, rollback or ``last_good_state`` read."""
-
-    keys_captured: tuple[str, ...]
-    keys_excluded: tuple[str, ...]
-    bytes: int
-    backend: str
-    seconds: float
-    committed: bool | None
-    first_bad: str | None = None
-
-
-@dataclass(frozen=True)
-class _CaptureMeta:
-    """Travels with a capture through the store and commits atomically with its tensors."""
-
-    model_keys: tuple[str, ...]
-    extras: dict[str, object]
-    optimizer: snap.OptimizerSnapshot | None
-
-
 def _emit(event_type: tm.TelemetryEventType, severity: tm.Severity, message: str, data: Any) -> None:
     # get_hub is resolved from this module's globals at call time, so patching it works.
     get_hub().emit(tm.TelemetryEvent(event_type, severity, message, data))
@@ -119,27 +94,6 @@ def _device_of(model: nn.Module) -> torch.device:
 def _check_optimizer(optimizer: object) -> None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-
-
-def _is_fossilized(slot: object) -> bool:
-    stage = getattr(getattr(slot, "state", None), "stage", None)
-    return str(getattr(stage, "name", stage)).upper() == "FOSSILIZED"
-
-
-def _model_entries(
-    model: nn.Module,
-) -> tuple[list[tuple[str, torch.Tensor]], dict[str, object], tuple[str, ...]]:
-    """The model's state split for a snapshot, leaving out everything of non-fossilized seeds:
-    their ``seed.`` and ``alpha_schedule.`` subtrees and their ``_extra_state``."""
-    slots: Any = getattr(model, "seed_slots", None)
-    prefixes, exact = [], set()
-    for slot_id, slot in slots.items() if hasattr(slots, "items") else []:
-        if not _is_fossilized(slot):
-            base = f"{SEED_SLOTS_PREFIX}{slot_id}."
-            prefixes += [base + "seed.", base + "alpha_schedule."]
-            exact.add(base + "_extra_state")
-    starts = tuple(prefixes)
-    return snap.state_dict_entries(model, lambda key: key in exact or key.startswith(starts))
 
 
 class _WatchSetting:
@@ -162,7 +116,10 @@ class TolariaGovernor:
     are keyword-only: ``optimizer`` (its state is captured and restored with the model, and a
     step pre-hook keeps its updates ordered after in-flight captures), ``check_parameters`` /
     ``check_gradients`` (what ``check_health()`` inspects), ``snapshot_backend`` ("auto",
-    "native", "reference") and ``health_backend`` ("auto", "triton", "reference").
+    "native", "reference"), ``health_backend`` ("auto", "triton", "reference"), and
+    ``process_group`` (None: never a collective; "auto": the default group when
+    torch.distributed is initialized; or a ProcessGroup, whose timeout bounds every agreement).
+    With a group, every decision is agreed by all ranks (see :mod:`tolaria.distributed`).
 
     Raises TypeError/ValueError naming the argument for bad input (e.g. ``history_window < 10``)
     and RuntimeError when ``snapshot_backend="native"`` is unavailable. The constructor takes
@@ -190,6 +147,7 @@ class TolariaGovernor:
         check_gradients: bool = True,
         snapshot_backend: str = "auto",
         health_backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -211,6 +169,7 @@ class TolariaGovernor:
         self.check_parameters = check_parameters
         self.check_gradients = check_gradients
         self.health_backend = health_backend
+        self._group = make_decisions(process_group)
         self._store = make_store(snapshot_backend, device=_device_of(model), health_backend=health_backend)
         self._pending_info: SnapshotInfo | None = None
         self._lkg_cache: tuple[object, dict[str, torch.Tensor]] | None = None
@@ -259,23 +218,26 @@ class TolariaGovernor:
         """Capture the model (minus non-fossilized seeds) and the known optimizer's state.
 
         On CPU the capture is verified and committed (or rejected: the previous LKG stays, a
-        HEALTH_ALERT is emitted, ``committed`` is False) before this returns. Raises
-        RuntimeError when called inside a non-default CUDA stream: the capture could not be
-        ordered after that stream's pending writes.
+        HEALTH_ALERT is emitted, ``committed`` is False) before this returns. With a process
+        group it is always resolved before returning, on every device, and committed only if
+        every rank's capture is healthy (a collective). Raises RuntimeError when called inside a
+        non-default CUDA stream: the capture could not be ordered after that stream's writes.
         """
         snap.require_default_stream(_device_of(self.model), "TolariaGovernor.snapshot()")
         start = time.perf_counter()
         self._resolve()
-        tensors, extras, excluded = _model_entries(self.model)
-        opt_tensors, opt_snapshot = snap.optimizer_entries(self.optimizer)
-        keys = tuple(k for k, _ in tensors) + tuple(extras)
-        meta = _CaptureMeta(keys, copy.deepcopy(extras), opt_snapshot)
-        ticket = self._store.capture(tensors + opt_tensors, meta=meta)
+        try:
+            capture = contents.capture_contents(self.model, self.optimizer)
+            ticket = self._store.capture(capture.entries, meta=capture.meta)
+        except BaseException:
+            self._group.capture_failed()  # the peers must not wait for this rank's vote
+            raise
+        keys = capture.meta.model_keys
         info = SnapshotInfo(
-            keys, excluded, ticket.nbytes, self._store.backend, time.perf_counter() - start, None
+            keys, capture.excluded, ticket.nbytes, self._store.backend, time.perf_counter() - start, None
         )
         self._pending_info = info
-        if ticket.in_flight:
+        if ticket.in_flight and not self._group.distributed:
             return info
         resolution = self._resolve()
         committed = resolution.committed if resolution is not None else None
@@ -283,37 +245,17 @@ class TolariaGovernor:
         return replace(info, seconds=time.perf_counter() - start, committed=committed, first_bad=first_bad)
 
     def _resolve(self) -> Resolution | None:
-        """Resolve the store's pending capture and report it (snapshot event; alert if sick)."""
-        resolution = self._store.resolve()
+        """Resolve the store's pending capture (agreed by the group, if any) and report it
+        (snapshot event; alert if sick)."""
+        resolution = self._group.resolve(self._store)
         info, self._pending_info = self._pending_info, None
         if resolution is None or info is None:
             return resolution
-        device, ok = str(_device_of(self.model)), resolution.committed
-        _emit(
-            tm.TelemetryEventType.GOVERNOR_SNAPSHOT,
-            tm.Severity.DEBUG if ok else tm.Severity.WARNING,
-            "snapshot committed" if ok else "snapshot rejected: non-finite values",
-            tm.GovernorSnapshotPayload(
-                device, info.backend, len(info.keys_captured), len(info.keys_excluded), info.bytes,
-                info.seconds, ok, resolution.first_bad,
-            ),
-        )  # fmt: skip
-        if not ok:
-            report = resolution.report
-            bad = (
-                ()
-                if report is None
-                else tuple(n for n, c in zip(report.names, report.nonfinite, strict=True) if c)
-            )
-            _emit(
-                tm.TelemetryEventType.HEALTH_ALERT,
-                tm.Severity.ERROR,
-                f"snapshot not committed, first non-finite tensor: {resolution.first_bad}",
-                tm.HealthAlertPayload(
-                    "snapshot", device, resolution.first_bad, 0 if report is None else report.total_nonfinite,
-                    bad[:32], "" if report is None else report.backend,
-                ),
-            )  # fmt: skip
+        events = contents.snapshot_events(
+            info, resolution, str(_device_of(self.model)), self._group.veto_ranks, self._group.ranked
+        )
+        for event in events:
+            get_hub().emit(event)  # looked up at call time, so patching get_hub works
         return resolution
 
     # -- detect --------------------------------------------------------------------------------
@@ -323,8 +265,7 @@ class TolariaGovernor:
         Accepts a Python number or a one-element tensor on any device; raises TypeError naming
         the type otherwise.
         """
-        panic = self._watch.observe_loss(loss)
-        return panic is not None and self._announce(panic)
+        return self._decide(lambda: self._watch.observe_loss(loss), "check_vital_signs")
 
     def check_health(self) -> bool:
         """Inspect weights and gradients (call after backward); True means panic.
@@ -334,28 +275,34 @@ class TolariaGovernor:
         history ``min_panics_before_rollback`` times in a row panics as ``governor_grad_explosion``.
         One health call covers parameters and gradients together.
         """
+        return self._decide(self._observe_tensors, "check_health")
+
+    def _observe_tensors(self) -> Panic | None:
         params = list(self.model.named_parameters())
         pairs: list[tuple[str, torch.Tensor]] = list(params) if self.check_parameters else []
         n_params = len(pairs)
         if self.check_gradients:
             pairs += [(f"{name}.grad", p.grad) for name, p in params if p.grad is not None]
         if not pairs:
-            return False
-        panic = self._watch.observe_tensors(
-            health.check_tensors(pairs, backend=self.health_backend), n_params
-        )
-        return panic is not None and self._announce(panic)
+            return None
+        return self._watch.observe_tensors(health.check_tensors(pairs, backend=self.health_backend), n_params)
 
-    def _announce(self, panic: Panic) -> bool:
+    def _decide(self, observe: Callable[[], Panic | None], check: str) -> bool:
+        """This rank's verdict, agreed with the group when there is one; announce a panic."""
+        panic = self._group.decide(self._watch, observe, check)
+        if panic is None:
+            return False
         sick = f" (first sick tensor: {panic.first_bad})" if panic.first_bad else ""
+        ranks = self._group.fault_ranks
+        seen = f" (seen by rank(s) {list(ranks)})" if ranks else ""
         _emit(
             tm.TelemetryEventType.GOVERNOR_PANIC,
             tm.Severity.ERROR,
-            f"panic: {panic.reason}{sick}",
-            tm.GovernorPanicPayload(
+            f"panic: {panic.reason}{sick}{seen}",
+            self._group.ranked(tm.GovernorPanicPayload(
                 panic.reason, str(_device_of(self.model)), panic.loss, panic.threshold, panic.consecutive,
                 panic.first_bad, panic.grad_norm,
-            ),
+            ), ranks),
         )  # fmt: skip
         return True
 
@@ -377,35 +324,34 @@ class TolariaGovernor:
                 are missing/unexpected (architecture drift) — raised after the restore and the
                 event; the LKG and the panic state stay, so the rollback can be retried.
             SnapshotMismatchError: a saved tensor's shape/dtype no longer fits (nothing written).
+            DistributedGovernorError: with a process group, on the ranks whose own rollback
+                succeeded when another rank's failed, or when a rank did not report in time.
         """
+        return self._group.run_rollback(lambda: self._rollback(env_id, optimizer))
+
+    def _rollback(self, env_id: int, optimizer: torch.optim.Optimizer | None) -> GovernorReport:
         _check_optimizer(optimizer)
         self._resolve()
         saved, meta = self._store.last_good_state, self._store.lkg_meta
-        if saved is None or not isinstance(meta, _CaptureMeta):
+        if saved is None or not isinstance(meta, contents.CaptureMeta):
             raise RuntimeError("no Last Known Good snapshot to roll back to (no snapshot was ever committed)")
         target_opt = optimizer if optimizer is not None else self.optimizer
-        tensors, extras, _ = _model_entries(self.model)
-        opt_targets, finish_optimizer = snap.optimizer_restore_plan(target_opt, meta.optimizer, saved)
-        self._store.restore(tensors + opt_targets)
-        snap.restore_extra_state(self.model, meta.extras, extras)
-        optimizer_state = finish_optimizer()
+        optimizer_state = contents.restore_contents(self._store, self.model, target_opt, saved, meta)
         self._set_optimizer(target_opt)
-        pruned = self._prune_live_seeds()
-        live_tensors, live_extras, _ = _model_entries(self.model)
-        live_keys = [k for k, _ in live_tensors] + list(live_extras)
-        saved_set, live_set = set(meta.model_keys), set(live_keys)
-        missing = tuple(k for k in live_keys if k not in saved_set)
-        unexpected = tuple(k for k in meta.model_keys if k not in live_set)
+        pruned = contents.prune_live_seeds(self.model, logger)
+        missing, unexpected = contents.key_drift(self.model, meta)
         panic, panicked = self._watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
         panic_reason = panic.reason if panicked else None
+        ranks = self._group.fault_ranks
+        seen = f", seen by rank(s) {list(ranks)}" if ranks else ""
         _emit(
             tm.TelemetryEventType.GOVERNOR_ROLLBACK,
             tm.Severity.WARNING,
-            f"rolled back to the last known good state ({panic.reason})",
-            tm.GovernorRollbackPayload(
+            f"rolled back to the last known good state ({panic.reason}{seen})",
+            self._group.ranked(tm.GovernorRollbackPayload(
                 env_id, str(_device_of(self.model)), panic.reason, panic.loss, panic.threshold,
                 max(panic.consecutive, self.consecutive_panics), panic_reason, missing, unexpected,
-            ),
+            ), ranks),
         )  # fmt: skip
         drift_missing = [k for k in missing if not k.startswith(SEED_SLOTS_PREFIX)]
         drift_unexpected = [k for k in unexpected if not k.startswith(SEED_SLOTS_PREFIX)]
@@ -420,23 +366,6 @@ class TolariaGovernor:
             pruned, optimizer_state,
         )  # fmt: skip
 
-    def _prune_live_seeds(self) -> tuple[str, ...]:
-        slots: Any = getattr(self.model, "seed_slots", None)
-        pruned: list[str] = []
-        for slot_id, slot in list(slots.items()) if hasattr(slots, "items") else []:
-            if (
-                getattr(slot, "seed", None) is None
-                or getattr(slot, "state", None) is None
-                or _is_fossilized(slot)
-            ):
-                continue
-            try:
-                slot.prune("governor_rollback", initiator="governor")
-                pruned.append(str(slot_id))
-            except Exception:
-                logger.exception("pruning seed slot %r after a rollback failed; continuing", slot_id)
-        return tuple(pruned)
-
     def _set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         _check_optimizer(optimizer)
         if optimizer is self.optimizer:
@@ -446,13 +375,7 @@ class TolariaGovernor:
             self._hook_handle = None
         self.optimizer = optimizer
         if optimizer is not None:
-            store = self._store
-
-            def wait_for_capture(_opt: object, _args: object, _kwargs: object) -> None:
-                # The step writes the parameters an in-flight capture may still be reading.
-                store.make_stream_wait()
-
-            self._hook_handle = optimizer.register_step_pre_hook(wait_for_capture)
+            self._hook_handle = contents.order_steps_after_captures(optimizer, self._store)
 
     # -- punish / reset ------------------------------------------------------------------------
     def get_punishment_reward(self) -> float:
