@@ -282,3 +282,17 @@ def test_auto_returns_a_working_store() -> None:
     live["w"].zero_()
     store.restore(live)
     assert torch.equal(live["w"], expected)
+
+
+def test_auto_fallback_drops_native_only_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tolaria.snapshot as snapshot
+
+    def unavailable(**_: object) -> None:
+        raise RuntimeError("snapshot backend 'native' is unavailable: test")
+
+    monkeypatch.setattr(snapshot, "_make_native", unavailable)
+    store = snapshot.make_store("auto", double_buffer=False, threads=2, pin_memory=False)
+    assert isinstance(store, snapshot.ReferenceSnapshotStore)
+    assert store.pin_memory is False
+    with pytest.raises(TypeError):
+        snapshot.make_store("reference", double_buffer=False)  # asked for by name: no silent drop

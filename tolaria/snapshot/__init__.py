@@ -44,6 +44,19 @@ def _make_native(**options: object) -> SnapshotStore:
     return store
 
 
+#: Options both stores understand; the rest (double_buffer, threads, ...) tune the native engine.
+_SHARED_OPTIONS = frozenset({"health_backend", "pin_memory"})
+
+
+def _make_reference(options: dict[str, object]) -> SnapshotStore:
+    """The reference store, given only the options it understands: when ``"auto"`` falls back,
+    native-only tuning options must not turn the fall-back into a TypeError."""
+    ignored = sorted(set(options) - _SHARED_OPTIONS)
+    if ignored:
+        logger.debug("reference snapshot store ignores native-only options %s", ignored)
+    return ReferenceSnapshotStore(**{k: v for k, v in options.items() if k in _SHARED_OPTIONS})  # type: ignore[arg-type]
+
+
 def make_store(
     backend: str = "auto", *, device: torch.device | None = None, **options: object
 ) -> SnapshotStore:
@@ -71,12 +84,12 @@ def make_store(
         choice = snapshot_backend_for(torch.device(device))
         if choice.backend != "native":
             logger.debug("snapshot backend 'auto' uses %r: %s", choice.backend, choice.reason)
-            return ReferenceSnapshotStore(**options)  # type: ignore[arg-type]
+            return _make_reference(options)
     try:
         return _make_native(**options)
     except RuntimeError as exc:
         logger.debug("snapshot backend 'auto' falls back to 'reference': %s", exc)
-        return ReferenceSnapshotStore(**options)  # type: ignore[arg-type]
+        return _make_reference(options)
 
 
 __all__ = [
