@@ -20,6 +20,7 @@ from tolaria.constants import (
 from tolaria.distributed import DistributedGovernorError
 from tolaria.environment import create_model, parse_device, validate_device
 from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
+from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.health import HealthReport, check_tensors
 from tolaria.tasks import TaskSpec, available_tasks, get_task_spec
 from tolaria.telemetry import (
@@ -43,10 +44,12 @@ __all__ = [
     "CallbackSink",
     "DistributedGovernorError",
     "GovernorReport",
+    "GuardedStep",
     "HealthReport",
     "JsonlSink",
     "LoggingSink",
     "SnapshotInfo",
+    "StepOutcome",
     "TaskSpec",
     "TelemetryEvent",
     "TelemetryEventType",

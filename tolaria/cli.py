@@ -1,24 +1,201 @@
-"""The ``tolaria`` command: ``tolaria demo | bench | doctor``."""
+"""The ``tolaria`` command: ``tolaria demo | bench | doctor``.
+
+Each subcommand is an ``_add_<name>`` function that builds its subparser and registers a handler
+with ``set_defaults(handler=...)``; a handler takes the parsed arguments and returns the exit
+status. A handler raises :class:`UsageError` for bad arguments that argparse cannot check on its
+own (they depend on each other or on the machine); ``main`` turns it into argparse's usual
+``error:`` message and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import importlib.util
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
 
 
+class UsageError(Exception):
+    """A command-line argument is wrong; the message says which and what is accepted."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------- doctor
+def _run_doctor(args: argparse.Namespace) -> int:
+    from tolaria.doctor import run_doctor
+
+    return run_doctor()
+
+
+def _add_doctor(commands: Any) -> None:
+    doctor = commands.add_parser(
+        "doctor", help="show what this installation can do and which backends it uses"
+    )
+    doctor.set_defaults(handler=_run_doctor)
+
+
+# --------------------------------------------------------------------------------------- demo
+#: Fewest steps the ``default`` fault schedule works with: the lobotomy fault needs a trained
+#: model (loss well below the random guess) and every fault needs room to recover.
+MIN_STEPS_FOR_DEFAULT_FAULTS = 100
+
+
+@contextmanager
+def _quiet_event_log() -> Any:
+    # The progress bar shows the latest event; the default logging sink would print each one again.
+    events = logging.getLogger("tolaria.events")
+    previous = events.level
+    events.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        events.setLevel(previous)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tolaria.demo.faults import FaultSpecError
+    from tolaria.demo.report import live_progress, render_summary
+    from tolaria.demo.runner import DemoConfig, run_demo
+    from tolaria.environment import validate_device
+
+    # The plot is the one optional part: without matplotlib the demo still runs and says so.
+    can_plot = importlib.util.find_spec("matplotlib") is not None
+    config = DemoConfig(
+        task=args.task,
+        device=args.device,
+        steps=args.steps,
+        faults=args.faults,
+        out_dir=Path(args.out),
+        seed=args.seed,
+        snapshot_every=args.snapshot_every,
+        plot=can_plot,
+    )
+    try:
+        steps = config.resolved_steps()
+        schedule = config.schedule()
+        device = validate_device(config.device)
+    except (FaultSpecError, ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r}: the demo runs on cpu or cuda, not {device.type}")
+    if args.faults.strip().lower() == "default" and steps < MIN_STEPS_FOR_DEFAULT_FAULTS:
+        raise UsageError(
+            f"the default fault schedule needs --steps >= {MIN_STEPS_FOR_DEFAULT_FAULTS} (got {steps}); "
+            "pass --faults none or an explicit SPEC such as 'nan_weight@20'"
+        )
+
+    console = Console()
+    faults = ", ".join(str(fault) for fault in schedule) or "none"
+    console.print(f"[bold]tolaria demo[/]: {config.task} on {device}, {steps} steps, faults: {faults}")
+    with _quiet_event_log(), live_progress(console, steps, config.task) as on_step:
+        result = run_demo(config, on_step=on_step)
+    render_summary(result, console)
+    if not can_plot:
+        console.print("No loss plot: matplotlib is not installed (pip install 'tolaria[demo]')")
+    failures = result.failure_messages()
+    for message in failures:
+        console.print(f"[bold red]FAILED[/]: {message}")
+    if failures:
+        return 1
+    if schedule:
+        console.print(
+            f"[bold green]OK[/]: all {len(schedule)} faults were detected, rolled back and recovered from"
+        )
+    return 0
+
+
+def _add_demo(commands: Any) -> None:
+    from tolaria.demo.faults import FAULT_KINDS
+    from tolaria.demo.runner import DEFAULT_STEPS
+    from tolaria.tasks import available_tasks
+
+    kinds = "\n".join(f"  {kind:<11} {text}" for kind, text in FAULT_KINDS.items())
+    demo = commands.add_parser(
+        "demo",
+        help="train a small model, break it on schedule, and watch tolaria roll it back",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Train a morphogenetic model on synthetic data (no download) under the Governor, inject\n"
+            "scheduled faults and show that each is detected, rolled back and recovered from.\n"
+            "Exit status: 0 when every fault was, 1 when one was missed or not recovered from,\n"
+            "2 for bad arguments."
+        ),
+        epilog=(
+            "fault SPEC: 'default' (the four kinds at 20/40/60/80% of the run), 'none', or\n"
+            "KIND@STEP[,KIND@STEP...] with 0 <= STEP < --steps, e.g.\n"
+            "  nan_weight@60,inf_grad@120,lr_blowup@180,lobotomy@240\n"
+            f"kinds:\n{kinds}"
+        ),
+    )
+    demo.add_argument(
+        "--task", choices=available_tasks(), default="cifar10", help="what to train (default: cifar10)"
+    )
+    demo.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda when available)"
+    )
+    steps_help = ", ".join(f"{task} {steps}" for task, steps in DEFAULT_STEPS.items())
+    demo.add_argument(
+        "--steps", type=_positive_int, default=None, help=f"training steps (default per task: {steps_help})"
+    )
+    demo.add_argument("--faults", default="default", metavar="SPEC", help="fault schedule (default: default)")
+    demo.add_argument(
+        "--out", default="tolaria-demo-out", metavar="DIR", help="output folder (default: ./tolaria-demo-out)"
+    )
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
+    demo.add_argument(
+        "--snapshot-every",
+        type=_positive_int,
+        default=10,
+        metavar="K",
+        help="healthy steps between snapshots (default: 10)",
+    )
+    demo.set_defaults(handler=_run_demo, subparser=demo)
+
+
+# ---------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tolaria", description="Fail-safe watchdog for PyTorch training (detect, roll back, recover)."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{doctor}")
-    commands.add_parser("doctor", help="show what this installation can do and which backends it uses")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_demo, _add_doctor):
+        add_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "doctor":
-        from tolaria.doctor import run_doctor
-
-        return run_doctor()
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown ones
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UsageError as error:
+        # The subcommand's own parser, so the usage line printed is that subcommand's.
+        getattr(args, "subparser", parser).error(str(error))
+        raise AssertionError("unreachable: argparse's error() exits") from error

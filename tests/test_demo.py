@@ -1,0 +1,174 @@
+"""``tolaria demo``: every fault kind is detected, rolled back and recovered from; outputs are
+written; a missed fault fails the run; bad arguments are usage errors, not tracebacks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import tolaria.demo.runner as runner
+from tolaria import telemetry
+from tolaria.cli import main
+from tolaria.demo import DemoConfig, DemoResult, run_demo
+from tolaria.governor import TolariaGovernor
+from tolaria.telemetry import TelemetryEvent, TelemetryEventType
+
+# Short enough for the test suite, long enough for the lobotomy fault: the loss must first fall
+# well below the random-guess loss, with ten samples of history.
+ALL_FAULTS = "nan_weight@30,inf_grad@45,lr_blowup@60,lobotomy@80"
+EXPECTED_REASONS = {
+    "nan_weight": {"governor_nan", "governor_nonfinite_params"},
+    "inf_grad": {"governor_nonfinite_grads"},
+    "lr_blowup": {
+        "governor_divergence",
+        "governor_grad_explosion",
+        "governor_nan",
+        "governor_nonfinite_grads",
+    },
+    "lobotomy": {"governor_lobotomy"},
+}
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rich wraps at 80 columns when not on a terminal; one line per message keeps asserts simple.
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(scope="module")
+def all_faults(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(DemoConfig(task="cifar10", device="cpu", steps=100, faults=ALL_FAULTS, out_dir=out))
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_REASONS))
+def test_each_fault_is_detected_rolled_back_and_recovered(all_faults: DemoResult, kind: str) -> None:
+    (record,) = [r for r in all_faults.faults if r.kind == kind]
+    assert record.detected, record.failure_message()
+    assert record.reason in EXPECTED_REASONS[kind]
+    # NaN weights, Inf gradients and a zeroed head are caught on the step they happen; a blown-up
+    # learning rate needs its bad updates to show, then three anomalies in a row at most.
+    assert record.detected_step is not None
+    assert record.detected_step - record.injected_step <= (4 if kind == "lr_blowup" else 0)
+    assert record.rollback_ms > 0
+    assert record.recovered, record.failure_message()
+    assert record.loss_after <= record.recovery_limit < all_faults.random_guess_loss
+
+
+def test_run_summary(all_faults: DemoResult) -> None:
+    assert all_faults.ok and all_faults.failure_messages() == []
+    assert all_faults.injected == {30: "nan_weight", 45: "inf_grad", 60: "lr_blowup", 80: "lobotomy"}
+    assert len(all_faults.outcomes) == 100
+    assert sum(o.rolled_back for o in all_faults.outcomes) == 4
+    assert all_faults.unattributed_rollbacks == []
+    assert all_faults.seed_stage == "FOSSILIZED"
+    assert [text.split()[-1] for _, text in all_faults.seed_events[1:]] == [
+        "TRAINING",
+        "BLENDING",
+        "HOLDING",
+        "FOSSILIZED",
+    ]
+    assert all_faults.snapshots_committed > 1 and all_faults.snapshots_rejected == 0
+    assert 0 < all_faults.overhead_fraction < 1
+    # Training went on after the last fault: the final losses are well below a uniform guess.
+    tail = [o.loss for o in all_faults.outcomes[-5:]]
+    assert all(math.isfinite(x) and x < 0.5 * all_faults.random_guess_loss for x in tail)
+
+
+def test_telemetry_jsonl_holds_the_run_and_the_sink_is_detached(all_faults: DemoResult) -> None:
+    path = all_faults.telemetry_path
+    assert path is not None and path.name == "telemetry.jsonl"
+    events = [TelemetryEvent.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+    kinds = [e.event_type for e in events]
+    assert kinds.count(TelemetryEventType.GOVERNOR_ROLLBACK) == 4
+    assert kinds.count(TelemetryEventType.GOVERNOR_PANIC) == 4
+    committed = [e for e in events if e.event_type is TelemetryEventType.GOVERNOR_SNAPSHOT]
+    assert len(committed) == all_faults.snapshots_committed
+    reasons = [e.data.reason for e in events if e.event_type is TelemetryEventType.GOVERNOR_ROLLBACK]
+    assert reasons == [r.reason for r in all_faults.faults]
+    assert not any(isinstance(s, telemetry.JsonlSink) for s in telemetry.get_hub().sinks)
+
+
+def test_loss_plot_is_a_png(all_faults: DemoResult) -> None:
+    path = all_faults.plot_path
+    assert path is not None and path.name == "loss.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+class BlindGovernor(TolariaGovernor):
+    """Never panics: every fault goes unnoticed."""
+
+    def check_vital_signs(self, loss: object) -> bool:
+        return False
+
+    def check_health(self) -> bool:
+        return False
+
+
+def test_a_missed_fault_fails_the_cli_and_names_the_fault(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runner, "TolariaGovernor", BlindGovernor)
+    status = main(
+        ["demo", "--device", "cpu", "--steps", "20", "--faults", "nan_weight@12", "--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert status != 0
+    assert "FAILED" in out and "nan_weight@12" in out and "NOT detected" in out
+    # The blind guard still snapshotted the NaN weights at step 19; the store refused them.
+    assert "1 rejected" in out
+    assert (tmp_path / "telemetry.jsonl").exists() and (tmp_path / "loss.png").exists()
+
+
+def test_tinystories_recovers_and_the_cli_reports_ok(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        ["demo", "--task", "tinystories", "--device", "cpu", "--steps", "12"]
+        + ["--faults", "inf_grad@6", "--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "inf_grad" in out and "nonfinite_grads" in out and "recovered" in out
+    assert "OK: all 1 faults" in out
+    # The seed was still on trial at step 6, so the rollback pruned it.
+    assert "Seed: PRUNED" in out and "pruned by the rollback" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "mnist"], "invalid choice: 'mnist'"),
+        (["--faults", "bogus@3"], "unknown fault kind 'bogus'"),
+        (["--steps", "100", "--faults", "nan_weight@150"], "outside the run"),
+        (["--steps", "-5"], "expected a positive integer, got -5"),
+        (["--steps", "ten"], "expected a positive integer"),
+        (["--device", "tpu"], "not a valid device"),
+        (["--device", "meta"], "runs on cpu or cuda"),
+        (["--steps", "40"], "default fault schedule needs --steps >= 100"),
+        (["--seed", "-1"], "non-negative integer"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: tolaria demo" in err and message in err
+    assert "Traceback" not in err
+
+
+def test_cuda_without_cuda_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""GuardedStep: a panic rolls back without stepping, a healthy step steps, snapshots keep their schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tolaria import telemetry
+from tolaria.governor import TolariaGovernor
+from tolaria.guard import GuardedStep, StepOutcome
+from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
+
+
+@pytest.fixture(autouse=True)
+def events():
+    seen: list[TelemetryEvent] = []
+    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
+    yield seen
+    telemetry.set_hub(old)
+
+
+class Rig:
+    """A tiny regression model under a Governor and a GuardedStep; ``step(scale)`` multiplies the
+    loss by ``scale`` (NaN), ``spike`` adds a constant (the value jumps, the gradients do not) and
+    ``poison`` puts an Inf into a gradient."""
+
+    def __init__(self, snapshot_every: int = 3) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.governor = TolariaGovernor(self.model, optimizer=self.optimizer)
+        self.guard = GuardedStep(
+            self.governor, self.optimizer, snapshot_every=snapshot_every, track_grad_norm=True
+        )
+        generator = torch.Generator().manual_seed(1)
+        self.inputs = torch.randn(16, 4, generator=generator)
+        self.targets = self.inputs.sum(dim=1, keepdim=True)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def step(self, scale: float = 1.0, spike: float = 0.0, poison: bool = False) -> StepOutcome:
+        def closure() -> torch.Tensor:
+            loss = nn.functional.mse_loss(self.model(self.inputs), self.targets) * scale + spike
+            if poison:
+                loss.register_hook(lambda grad: grad * math.inf)
+            return loss
+
+        return self.guard(closure)
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_healthy_step_steps_the_optimizer_and_reports_loss_and_grad_norm() -> None:
+    rig = Rig()
+    before = rig.weights()
+    outcome = rig.step()
+    assert outcome.healthy and outcome.stepped and not outcome.rolled_back
+    assert outcome.panic_reason is None and outcome.report is None
+    assert not same(before, rig.weights())
+    # The grad norm is that of the gradients the step used (they are still on the parameters).
+    grads = [p.grad for p in rig.model.parameters()]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert outcome.grad_norm == pytest.approx(float(expected))
+    assert outcome.loss > 0 and math.isfinite(outcome.loss)
+    assert outcome.step_seconds >= outcome.governor_seconds >= 0
+
+
+def test_nan_loss_rolls_back_to_the_last_known_good_without_backward_or_step(events) -> None:
+    rig = Rig()
+    lkg = rig.weights()  # the constructor's snapshot
+    rig.step()
+    outcome = rig.step(scale=math.nan)
+    assert outcome.panic_reason == "governor_nan"
+    assert outcome.rolled_back and not outcome.stepped
+    assert outcome.report is not None and outcome.report.rollback_occurred
+    assert outcome.rollback_seconds > 0
+    assert same(lkg, rig.weights())
+    assert all(p.grad is None for p in rig.model.parameters())
+    assert [e.event_type for e in events].count(TelemetryEventType.GOVERNOR_ROLLBACK) == 1
+
+
+def test_inf_gradient_is_caught_by_check_health_and_the_step_is_skipped() -> None:
+    rig = Rig()
+    lkg = rig.weights()
+    outcome = rig.step(poison=True)
+    assert outcome.panic_reason == "governor_nonfinite_grads"
+    assert outcome.rolled_back and not outcome.stepped
+    assert (
+        math.isfinite(outcome.loss) and outcome.grad_norm is not None and not math.isfinite(outcome.grad_norm)
+    )
+    assert same(lkg, rig.weights())
+    assert all(p.grad is None for p in rig.model.parameters())
+
+
+def test_snapshots_every_k_healthy_steps_before_the_optimizer_step() -> None:
+    rig = Rig(snapshot_every=3)
+    taken = []
+    for _ in range(9):
+        before = rig.weights()
+        outcome = rig.step()
+        if outcome.snapshot is not None:
+            taken.append(outcome.step)
+            assert outcome.snapshot.committed is True
+            # The LKG holds the weights whose loss and gradients were just checked, not the update.
+            lkg = rig.governor.last_good_state
+            assert lkg is not None and same(before, {k: v.clone() for k, v in lkg.items()})
+    assert taken == [2, 5, 8]
+
+
+def test_a_rollback_restarts_the_snapshot_count() -> None:
+    rig = Rig(snapshot_every=3)
+    outcomes = [rig.step(), rig.step(scale=math.nan)] + [rig.step() for _ in range(4)]
+    assert outcomes[1].rolled_back
+    assert [o.step for o in outcomes if o.snapshot is not None] == [4]
+
+
+def test_no_snapshot_while_a_divergence_streak_is_building() -> None:
+    rig = Rig(snapshot_every=1)
+    for _ in range(12):  # fill the loss history past the 10 samples the statistics need
+        assert rig.step().snapshot is not None
+    spike = rig.step(spike=1e6)
+    assert spike.anomaly_streak == 1 and spike.healthy and spike.stepped
+    assert spike.snapshot is None
+    # Three anomalies in a row are a divergence: rolled back.
+    rig.step(spike=1e6)
+    third = rig.step(spike=1e6)
+    assert third.panic_reason == "governor_divergence" and third.rolled_back
+    assert rig.step().snapshot is not None
+
+
+def test_rejects_a_governor_that_does_not_know_the_optimizer() -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer=optimizer"):
+        GuardedStep(TolariaGovernor(model), optimizer)
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_rejects_bad_snapshot_every(every: object) -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        GuardedStep(TolariaGovernor(model, optimizer=optimizer), optimizer, snapshot_every=every)  # type: ignore[arg-type]
+
+
+def test_closure_must_return_a_one_element_loss() -> None:
+    rig = Rig()
+    with pytest.raises(TypeError, match="one-element loss"):
+        rig.guard(lambda: torch.ones(3, requires_grad=True))
