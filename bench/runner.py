@@ -131,17 +131,11 @@ def run_all(device: str, quick: bool, advance: Callable[[str], None]) -> list[Me
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tolaria bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    from tolaria.cli import add_bench_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m bench.runner", description=__doc__.splitlines()[0])
+    add_bench_arguments(parser)
     return run_command(parser.parse_args(argv))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where to run (default: cuda if available, else cpu)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="fewer reps, smaller models (<60s on CPU)")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for the outputs")
-    parser.add_argument("--no-csv", action="store_true", help="do not append to bench/results/results.csv")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -150,7 +144,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("tolaria bench: --device cuda but CUDA is not available on this machine")
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
     console = Console(stderr=True)
     # A benchmark rolls back on purpose; its telemetry would drown the table.
     logging.getLogger("tolaria").setLevel(logging.ERROR)

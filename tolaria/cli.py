@@ -178,13 +178,68 @@ def _add_demo(commands: Any) -> None:
     demo.set_defaults(handler=_run_demo, subparser=demo)
 
 
+# -------------------------------------------------------------------------------------- bench
+def _bench_source_root() -> Path | None:
+    """The checkout holding ``bench/`` beside the package (an editable install), or None."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "bench" / "runner.py").is_file() else None
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench options, shared by ``tolaria bench`` and ``python -m bench.runner``."""
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions, smaller models (< 60 s on CPU)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/out"), metavar="DIR",
+        help="folder for bench.json and overhead.png (default: bench/out)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-csv", action="store_true", help="do not append rows to bench/results/results.csv"
+    )
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine")
+    root = _bench_source_root()
+    if root is None:
+        raise UsageError(
+            "tolaria bench runs from a source checkout (its baselines live in bench/ beside the package): "
+            "clone the repository and `pip install -e .` it"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.runner import run_command
+
+    return run_command(args)
+
+
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="measure tolaria's overhead next to the old Governor's approach and the physical limit",
+        description="Run every benchmark scenario in one process: training-loop overhead (unguarded, "
+        "the original Governor's approach, tolaria), rollback, snapshot/restore and health checks.",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_run_bench, subparser=bench)
+
+
 # ---------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tolaria", description="Fail-safe watchdog for PyTorch training (detect, roll back, recover)."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_demo, _add_doctor):
+    for add_command in (_add_demo, _add_bench, _add_doctor):
         add_command(commands)
     return parser
 

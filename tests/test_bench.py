@@ -1,0 +1,109 @@
+"""The bench's plumbing: baselines, outputs, the legacy-Governor baseline and the CLI entry."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import runner, training  # noqa: E402
+from bench.common import Measurement  # noqa: E402
+from bench.legacy_governor import LegacyGovernor  # noqa: E402
+
+
+def _rows() -> list[Measurement]:
+    return [
+        Measurement("training-step/x", "unguarded", "cpu", 0.010, 0.009, 0.011, 3),
+        Measurement("training-step/x", "legacy", "cpu", 0.020, 0.019, 0.021, 3),
+        Measurement("training-step/x", "tolaria", "cpu", 0.0101, 0.0100, 0.0102, 3),
+        Measurement("snapshot/x", "pageable-clone", "cpu", 0.100, 0.09, 0.11, 5, bytes=1000),
+        Measurement("snapshot/x", "native", "cpu", 0.010, 0.009, 0.011, 5, bytes=1000),
+        Measurement("health/x", "isfinite-loop", "cpu", 0.050, 0.04, 0.06, 5, bytes=1000),
+        Measurement("health/x", "tolaria", "cpu", 0.005, 0.004, 0.006, 5, bytes=1000),
+    ]
+
+
+def test_each_scenario_family_has_its_old_way_as_baseline() -> None:
+    assert runner.baseline_of("snapshot/gpt2-small") == "pageable-clone"
+    assert runner.baseline_of("restore/gpt2-small") == "load-state-dict"
+    assert runner.baseline_of("health/many-small") == "isfinite-loop"
+    assert runner.baseline_of("rollback/x") == "legacy-load-state-dict"
+    assert runner.baseline_of("training-step/x") == "unguarded"
+
+
+def test_csv_appends_one_row_per_measurement_with_ratios(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    runner.append_csv(_rows(), path, stamp="t0", sha="abc")
+    runner.append_csv(_rows()[:2], path, stamp="t1", sha="abc")
+    with path.open() as handle:
+        lines = list(csv.DictReader(handle))
+    assert len(lines) == len(_rows()) + 2  # one header only
+    legacy = next(r for r in lines if r["variant"] == "legacy")
+    assert float(legacy["ratio_to_baseline"]) == pytest.approx(2.0)
+    assert {r["timestamp"] for r in lines} == {"t0", "t1"}
+    assert all(r["torch"] == torch.__version__ and r["git_sha"] == "abc" for r in lines)
+
+
+def test_run_command_writes_json_png_csv_and_prints_ratios_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = tmp_path / "results.csv"
+    monkeypatch.setattr(runner, "RESULTS_CSV", csv_path)
+    monkeypatch.setattr(runner, "run_all", lambda device, quick, advance: _rows())
+    args = runner.argparse.Namespace(device="cpu", quick=True, out=tmp_path / "out", no_csv=False)
+    assert runner.run_command(args) == 0
+    out = capsys.readouterr().out
+    assert out.index("## Ratios") < out.index("## Measurements")
+    assert "tolaria adds +1.0% to the step time" in out
+    assert "legacy adds +100.0% to the step time" in out
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert len(data["rows"]) == len(_rows()) and data["quick"] is True
+    assert (tmp_path / "out" / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert csv_path.exists()
+
+
+def test_legacy_governor_snapshots_checks_and_rolls_back() -> None:
+    model = nn.Linear(4, 3)
+    legacy = LegacyGovernor(model)
+    legacy.snapshot()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert not legacy.parameters_finite()
+    legacy.execute_rollback()
+    assert legacy.parameters_finite()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    for _ in range(10):
+        assert not legacy.check_vital_signs(1.0)
+    assert legacy.check_vital_signs(float("nan"))
+    assert [legacy.check_vital_signs(100.0) for _ in range(3)] == [False, False, True]
+
+
+def test_training_scenario_measures_three_loops_on_one_model_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = training.TransformerConfig(vocab_size=64, context_length=8, d_model=16, n_layers=1, n_heads=2)
+    monkeypatch.setattr(training, "setup_for", lambda d, q: training.TrainingSetup(config, 2, 8, "micro"))
+    rows = training.training_rows("cpu", quick=True)
+    assert [r.variant for r in rows] == ["unguarded", "legacy", "tolaria"]
+    assert all(r.scenario == "training-step/micro" and r.median_s > 0 and r.reps == 3 for r in rows)
+    lines = training.summary(rows)
+    assert any(line.startswith("training-step/micro: tolaria adds") for line in lines)
+
+
+def test_tolaria_bench_cli_is_wired() -> None:
+    command = [sys.executable, "-m", "tolaria", "bench"]
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "--quick" in done.stdout and "--device" in done.stdout
+    if not torch.cuda.is_available():
+        bad = subprocess.run([sys.executable, "-m", "tolaria", "bench", "--device", "cuda"],
+                             capture_output=True, text=True)  # fmt: skip
+        assert bad.returncode == 2 and "CUDA is not available" in bad.stderr
