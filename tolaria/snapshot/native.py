@@ -57,8 +57,9 @@ from typing import Any
 
 import torch
 
-from tolaria import _ext, telemetry
+from tolaria import _ext
 from tolaria.health import HealthHandle, HealthReport, check_tensors
+from tolaria.snapshot.buffered import BufferedStore
 from tolaria.snapshot.native_cuda import CudaEngine
 from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer, signature_of
 from tolaria.snapshot.store import (
@@ -66,7 +67,6 @@ from tolaria.snapshot.store import (
     NamedTensors,
     Resolution,
     RestoreResult,
-    SnapshotStore,
     check_restore_targets,
     normalize_named_tensors,
 )
@@ -85,7 +85,7 @@ class _Pending:
     done: Any = None  # tolaria._C.CudaEvent
 
 
-class NativeSnapshotStore(SnapshotStore):
+class NativeSnapshotStore(BufferedStore):
     """:class:`SnapshotStore` backed by the compiled engine (see the module docstring).
 
     Args:
@@ -133,12 +133,10 @@ class NativeSnapshotStore(SnapshotStore):
         self.alignment = alignment
         self._cuda = CudaEngine(self._native)
         self._plan: ArenaPlan | None = None
-        self._lkg: HostBuffer | None = None
-        self._spare: HostBuffer | None = None
-        self._pending: _Pending | None = None
-        self._lkg_dict: dict[str, torch.Tensor] | None = None
-        self._last_resolution: Resolution | None = None
-        self._reported_degraded = False
+        super().__init__()
+        self._lkg: HostBuffer | None
+        self._spare: HostBuffer | None
+        self._pending: _Pending | None
 
     # -- capture -------------------------------------------------------------------------------
     def capture(self, named_tensors: NamedTensors, *, meta: object = None) -> CaptureTicket:
@@ -216,18 +214,6 @@ class NativeSnapshotStore(SnapshotStore):
             self._cuda.drain(pending.buffer.plan.device)
         pending.buffer.meta = None
         self._spare = pending.buffer
-
-    def _report_degraded(self, reason: str) -> None:
-        logger.warning("snapshot arena could not be pinned, using pageable memory: %s", reason)
-        if self._reported_degraded:
-            return
-        self._reported_degraded = True
-        telemetry.emit_event(
-            telemetry.TelemetryEventType.SNAPSHOT_DEGRADED,
-            telemetry.Severity.WARNING,
-            "snapshot arena is pageable: pinning failed",
-            telemetry.SnapshotDegradedPayload(backend=self.backend, mode="pageable", reason=reason),
-        )
 
     # -- verify and commit ---------------------------------------------------------------------
     def resolve(self) -> Resolution | None:
@@ -344,42 +330,13 @@ class NativeSnapshotStore(SnapshotStore):
             torch.cuda.synchronize(device)
 
     # -- inspection ----------------------------------------------------------------------------
-    @property
-    def last_good_state(self) -> dict[str, torch.Tensor] | None:
-        if self._pending is not None:
-            self.resolve()
-        if self._lkg is None:
-            return None
-        if self._lkg_dict is None:
-            self._lkg_dict = dict(self._lkg.key_views())
-        return self._lkg_dict
-
-    @property
-    def lkg_meta(self) -> object:
-        if self._pending is not None:
-            self.resolve()
-        return None if self._lkg is None else self._lkg.meta
-
-    @property
-    def has_lkg(self) -> bool:
-        return self._lkg is not None
+    def _lkg_views(self) -> dict[str, torch.Tensor]:
+        assert self._lkg is not None  # the base class asks only when there is an LKG
+        return dict(self._lkg.key_views())
 
     @property
     def keys(self) -> tuple[str, ...]:
         return () if self._lkg is None else self._lkg.plan.keys
-
-    @property
-    def in_flight(self) -> bool:
-        return self._pending is not None
-
-    @property
-    def last_resolution(self) -> Resolution | None:
-        return self._last_resolution
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the committed LKG lives in pinned memory."""
-        return self._lkg is not None and self._lkg.pinned
 
     def make_stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
         pending = self._pending

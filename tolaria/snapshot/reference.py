@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tolaria import telemetry
 from tolaria.health import BACKENDS as HEALTH_BACKENDS
 from tolaria.health import HealthReport, check_tensors
+from tolaria.snapshot.buffered import BufferedStore
 from tolaria.snapshot.store import (
     CaptureTicket,
     NamedTensors,
     Resolution,
     RestoreResult,
-    SnapshotStore,
     check_restore_targets,
     normalize_named_tensors,
 )
@@ -120,7 +119,7 @@ class _Pending:
     events: list[torch.cuda.Event]
 
 
-class ReferenceSnapshotStore(SnapshotStore):
+class ReferenceSnapshotStore(BufferedStore):
     """Pure-PyTorch :class:`SnapshotStore`.
 
     Args:
@@ -139,12 +138,10 @@ class ReferenceSnapshotStore(SnapshotStore):
             raise ValueError(f"health_backend must be one of {HEALTH_BACKENDS}, got {health_backend!r}")
         self.health_backend = health_backend
         self.pin_memory = pin_memory
-        self._lkg: _BufferSet | None = None
-        self._spare: _BufferSet | None = None
-        self._pending: _Pending | None = None
-        self._lkg_dict: dict[str, torch.Tensor] | None = None
-        self._last_resolution: Resolution | None = None
-        self._reported_degraded = False
+        super().__init__()
+        self._lkg: _BufferSet | None
+        self._spare: _BufferSet | None
+        self._pending: _Pending | None
 
     # -- capture -----------------------------------------------------------------------------
     def capture(self, named_tensors: NamedTensors, *, meta: object = None) -> CaptureTicket:
@@ -178,18 +175,6 @@ class ReferenceSnapshotStore(SnapshotStore):
             events.append(event)
         self._pending = _Pending(staging, events)
         return CaptureTicket(staging.keys, staging.nbytes, in_flight=bool(events), rebuilt=rebuilt)
-
-    def _report_degraded(self, reason: str) -> None:
-        logger.warning("snapshot buffers could not be pinned, using pageable memory: %s", reason)
-        if self._reported_degraded:
-            return
-        self._reported_degraded = True
-        telemetry.emit_event(
-            telemetry.TelemetryEventType.SNAPSHOT_DEGRADED,
-            telemetry.Severity.WARNING,
-            "snapshot buffers are pageable: pinning failed",
-            telemetry.SnapshotDegradedPayload(backend=self.backend, mode="pageable", reason=reason),
-        )
 
     # -- verify and commit ---------------------------------------------------------------------
     def _verify(self, buffers: _BufferSet) -> tuple[HealthReport | None, str | None]:
@@ -273,42 +258,13 @@ class ReferenceSnapshotStore(SnapshotStore):
         )
 
     # -- inspection ----------------------------------------------------------------------------
-    @property
-    def last_good_state(self) -> dict[str, torch.Tensor] | None:
-        if self._pending is not None:
-            self.resolve()
-        if self._lkg is None:
-            return None
-        if self._lkg_dict is None:
-            self._lkg_dict = dict(self._lkg.key_views)
-        return self._lkg_dict
-
-    @property
-    def lkg_meta(self) -> object:
-        if self._pending is not None:
-            self.resolve()
-        return None if self._lkg is None else self._lkg.meta
-
-    @property
-    def has_lkg(self) -> bool:
-        return self._lkg is not None
+    def _lkg_views(self) -> dict[str, torch.Tensor]:
+        assert self._lkg is not None  # the base class asks only when there is an LKG
+        return dict(self._lkg.key_views)
 
     @property
     def keys(self) -> tuple[str, ...]:
         return () if self._lkg is None else self._lkg.keys
-
-    @property
-    def in_flight(self) -> bool:
-        return self._pending is not None
-
-    @property
-    def last_resolution(self) -> Resolution | None:
-        return self._last_resolution
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the committed LKG lives in pinned memory."""
-        return self._lkg is not None and self._lkg.pinned
 
     def make_stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
         pending = self._pending

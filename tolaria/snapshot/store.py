@@ -221,10 +221,6 @@ class SnapshotStore(abc.ABC):
         return None
 
     # -- two-phase resolve: verify, agree, then commit or discard -------------------------------
-    #: What the default :meth:`_revert_commit` needs: the committed buffer (whose ``meta``
-    #: travels with it), the reusable spare, the cached LKG dict and the latest resolution.
-    _REVERTIBLE_LAYOUT: ClassVar[tuple[str, ...]] = ("_lkg", "_spare", "_lkg_dict", "_last_resolution")
-
     def resolve_agreed(self, agree: Callable[[bool], bool]) -> Resolution | None:
         """Like :meth:`resolve`, but the pending capture is committed only if ``agree`` allows it.
 
@@ -236,39 +232,13 @@ class SnapshotStore(abc.ABC):
         capture that ``agree`` rejects is discarded and the previous LKG stays committed
         (``committed=False, vetoed=True``).
 
-        The default verifies and commits with :meth:`resolve`, then takes a rejected commit back
-        with :meth:`_revert_commit`; a store with another layout overrides one of the two.
-        Raises NotImplementedError (after vetoing) when the store cannot take a commit back.
+        Both stores implement it (:class:`tolaria.snapshot.buffered.BufferedStore`); this default
+        vetoes and raises NotImplementedError for a store that cannot take a commit back.
         """
         if not self.in_flight:
             return None
-        if not all(hasattr(self, name) for name in self._REVERTIBLE_LAYOUT):
-            agree(False)
-            raise NotImplementedError(f"{type(self).__name__} must override resolve_agreed()")
-        previous = getattr(self, "_lkg")  # noqa: B009  (a convention, not a declared attribute)
-        try:
-            resolution = self.resolve()
-        except BaseException:
-            agree(False)
-            raise
-        if resolution is None:  # pragma: no cover - in_flight promised a pending capture
-            agree(False)
-            return None
-        if agree(resolution.committed) or not resolution.committed:
-            return resolution
-        return self._revert_commit(previous, resolution)
-
-    def _revert_commit(self, previous: object, resolution: Resolution) -> Resolution:
-        """Take back the commit :meth:`resolve` just made: its buffer becomes the spare again (its
-        meta dropped, as for a sick capture) and ``previous`` (the committed buffer before it, or
-        None) is the LKG again. Works for stores laid out as ``_REVERTIBLE_LAYOUT`` says, which
-        the reference and native stores are (with or without double buffering)."""
-        rejected = getattr(self, "_lkg")  # noqa: B009
-        rejected.meta = None
-        vetoed = Resolution(False, resolution.keys, resolution.nbytes, resolution.report, None, vetoed=True)
-        for name, value in zip(self._REVERTIBLE_LAYOUT, (previous, rejected, None, vetoed), strict=True):
-            setattr(self, name, value)
-        return vetoed
+        agree(False)
+        raise NotImplementedError(f"{type(self).__name__} must implement resolve_agreed()")
 
 
 def require_default_stream(device: torch.device, caller: str) -> None:
