@@ -19,14 +19,6 @@ from tolaria.snapshot import reference
 from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
 
 
-@pytest.fixture
-def events():
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
-
-
 def of_type(events: list[TelemetryEvent], event_type: TelemetryEventType) -> list[TelemetryEvent]:
     return [e for e in events if e.event_type is event_type]
 

@@ -8,20 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria import telemetry
 from tolaria.governor import TolariaGovernor
 from tolaria.snapshot import ReferenceSnapshotStore
-from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
+from tolaria.telemetry import TelemetryEvent, TelemetryEventType
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture
-def events():
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
 
 
 def cuda_model(batch_norm: bool = True) -> nn.Module:

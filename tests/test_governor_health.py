@@ -8,21 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria import telemetry
 from tolaria.governor import TolariaGovernor
-from tolaria.telemetry import GovernorPanicPayload, TelemetryEvent, TelemetryHub
+from tolaria.telemetry import GovernorPanicPayload, TelemetryEvent
 
 
 def payloads(hub_events: list[TelemetryEvent]) -> list[GovernorPanicPayload]:
     return [e.data for e in hub_events if isinstance(e.data, GovernorPanicPayload)]
-
-
-@pytest.fixture
-def events():
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
 
 
 def model_with_grads(scale: float = 1.0) -> nn.Module:

@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria import telemetry
 from tolaria.governor import TolariaGovernor
-from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
+from tolaria.telemetry import TelemetryEvent, TelemetryEventType
 
 
 class Stage(enum.IntEnum):
@@ -68,14 +67,6 @@ class Host(nn.Module):
 def seed_keys(slot_id: str) -> set[str]:
     base = f"seed_slots.{slot_id}."
     return {base + "seed.weight", base + "seed.bias", base + "alpha_schedule.alpha", base + "_extra_state"}
-
-
-@pytest.fixture
-def events():
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
 
 
 def test_snapshots_leave_out_non_fossilized_seeds() -> None:

@@ -27,22 +27,6 @@ def test_constants_keep_original_values() -> None:
     assert constants.DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE == 5
 
 
-def test_governor_signature_is_the_original_one_plus_keyword_only_options() -> None:
-    params = list(inspect.signature(tolaria.TolariaGovernor).parameters.values())
-    positional = [(p.name, p.default) for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    assert positional == [
-        ("model", inspect.Parameter.empty),
-        ("sensitivity", 6.0),
-        ("multiplier", 3.0),
-        ("absolute_threshold", 12.0),
-        ("death_penalty", 10.0),
-        ("history_window", 20),
-        ("min_panics_before_rollback", 3),
-        ("random_guess_loss", None),
-    ]
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[len(positional):])
-
-
 def test_governor_report_keeps_original_fields_first() -> None:
     names = [f.name for f in dataclasses.fields(tolaria.GovernorReport)]
     original = ["reason", "loss_at_panic", "loss_threshold", "consecutive_panics", "rollback_occurred"]
