@@ -13,3 +13,7 @@ if ! "$python" -c "import torch" 2>/dev/null; then
   "$python" -m pip install --quiet "torch==2.13.0"
 fi
 "$python" -m pip install --quiet -e ".[${extras}]"
+# pyenv serves commands through shims: make the new `tolaria` console script visible at once.
+if command -v pyenv >/dev/null 2>&1; then
+  pyenv rehash || true
+fi
