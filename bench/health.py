@@ -9,11 +9,15 @@ Scenarios (fp32 tensors, the same tensors for every variant of a scenario):
 Variants: ``isfinite-loop`` (``torch.isfinite(p).all()`` per tensor, one host read at the end:
 the strongest form of the old loop), ``foreach-norm`` (``torch._foreach_norm`` and one read),
 ``tolaria`` (``check_tensors`` with backend "auto": the reference on CPU, Triton on CUDA,
-blocking), ``read-limit`` (one ``torch.sum`` over a tensor of the same total bytes: the
-bandwidth ceiling of the same run), and on CUDA ``tolaria-host`` and ``tolaria-host-eager``
+blocking: launch, wait, report), ``read-limit`` (one ``torch.sum`` over a tensor of the same
+total bytes: the bandwidth ceiling of the same run), and on CUDA ``tolaria-async`` (device time
+of back-to-back non-blocking checks, the host running ahead exactly as it does for
+``read-limit``: the like-for-like bandwidth figure), ``tolaria-host`` and ``tolaria-host-eager``
 (host time per non-blocking check with cached tables, with and without the CUDA graph).
 
-Run ``python -m bench.health [--device cpu|cuda] [--quick]``.
+Run ``python -m bench.health [--device cpu|cuda] [--quick]``. Without a GPU,
+``python -m bench.health --host-dispatch`` times the Python side of a non-blocking Triton check
+(see :func:`host_dispatch`).
 """
 
 from __future__ import annotations
@@ -121,6 +125,17 @@ def _scenario(
     )
     del flat
     if on_cuda:
+        rows.append(
+            measure(
+                name,
+                "tolaria-async",
+                lambda: check_tensors(pairs, blocking=False),
+                device=device,
+                bytes=nbytes,
+                warmup=max(warmup, 3),  # build, capture the graph, adopt it
+                reps=reps,
+            )
+        )
         for variant, enabled in (("tolaria-host", True), ("tolaria-host-eager", False)):
             with _graphs(enabled):
                 rows.append(
@@ -164,7 +179,14 @@ def summary(rows: list[Measurement]) -> list[str]:
         limit = by_key.get((scenario, "read-limit"))
         if tolaria is not None and limit is not None:
             lines.append(
-                f"{scenario}: tolaria reaches {ratio(limit, tolaria):.0%} of one torch.sum's bandwidth"
+                f"{scenario}: tolaria (blocking, report included) reaches {ratio(limit, tolaria):.0%} "
+                "of one torch.sum's bandwidth"
+            )
+        asynchronous = by_key.get((scenario, "tolaria-async"))
+        if asynchronous is not None and limit is not None:
+            lines.append(
+                f"{scenario}: tolaria's device time reaches {ratio(limit, asynchronous):.0%} "
+                "of one torch.sum's bandwidth"
             )
         for variant in ("tolaria-host", "tolaria-host-eager"):
             host = by_key.get((scenario, variant))
@@ -175,11 +197,59 @@ def summary(rows: list[Measurement]) -> list[str]:
     return lines
 
 
+def host_dispatch(reps: int = 300) -> list[str]:
+    """Host time of ``check_tensors(pairs, backend="triton", blocking=False)`` without a GPU.
+
+    Needs TRITON_INTERPRET=1 (CPU tensors take the Triton path). The kernel launches are
+    replaced by no-ops for the measurement, because the interpreter runs a kernel on the host
+    and a GPU launch does not: what is timed is the Python side of a check with a cached plan
+    (finding the plan, the bookkeeping, the handle). The CUDA calls of the real path (graph
+    replay, one copy, one event record) are not in it. Median microseconds per call.
+    """
+    import statistics
+    import time
+
+    from tolaria.health import triton_kernels
+
+    if not triton_kernels.INTERPRETED:
+        raise SystemExit("--host-dispatch needs TRITON_INTERPRET=1 set before the run")
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(74)])
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    params = list(model.named_parameters())
+    sets = {
+        "gpt2-small (148)": [(f"p{i}", torch.empty(shape)) for i, shape in enumerate(gpt2_small_shapes())],
+        "many-small (500)": [(f"p{i}", torch.empty(shape)) for i, shape in enumerate(many_small_shapes())],
+        "params+grads (296)": params + [(f"{n}.grad", p.grad) for n, p in params if p.grad is not None],
+    }
+    saved = triton_kernels.launch_partials, triton_kernels.launch_finish
+    triton_kernels.launch_partials = triton_kernels.launch_finish = lambda **_: None  # type: ignore[assignment]
+    lines = []
+    try:
+        for label, pairs in sets.items():
+            for _ in range(5):
+                check_tensors(pairs, backend="triton", blocking=False)
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                check_tensors(pairs, backend="triton", blocking=False)
+                samples.append(time.perf_counter() - start)
+            lines.append(f"{label}: {statistics.median(samples) * 1e6:.1f} µs per non-blocking check")
+    finally:
+        triton_kernels.launch_partials, triton_kernels.launch_finish = saved
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--host-dispatch", action="store_true", help="Python host cost only (no GPU)")
     args = parser.parse_args(argv)
+    if args.host_dispatch:
+        for line in host_dispatch():
+            print(f"- {line}")
+        return
     rows = run(args.device, args.quick)
     print(f"# health check on {device_label(args.device)} (torch {torch.__version__})\n")
     print(markdown_table(rows, baselines={row.scenario: BASELINE for row in rows}))

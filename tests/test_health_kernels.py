@@ -6,6 +6,7 @@ the same checks run on CUDA tensors under the ``cuda`` marker on the GPU machine
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -45,8 +46,8 @@ def run_triton(
     from tolaria.health import plan
 
     names, tensors = zip(*pairs, strict=True)
-    built = plan.build_plan(plan.plan_key(tensors), tensors, block=block, chunk_blocks=chunk_blocks)
-    return built.check(names, tensors, blocking=True).result()
+    built = plan.build_plan(tensors, block=block, chunk_blocks=chunk_blocks)
+    return built.check(names, tensors).result()
 
 
 def assert_matches(actual: HealthReport, expected: HealthReport, rel: float) -> None:
@@ -112,12 +113,14 @@ def test_every_side_of_small_boundaries(device: str, dtype: torch.dtype) -> None
     check_against_reference(pairs, REL_TOL[dtype], **SMALL)
 
 
-@pytest.mark.parametrize("where", ["first", "middle", "last"])
+# 32767 ends the first fp32 chunk (32768 elements by default), 40001 sits inside a chunk and a
+# block, 65536 is alone in the last chunk.
+@pytest.mark.parametrize("where", ["first", "chunk_end", "middle", "last"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "posinf", "neginf"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fault_positions(device: str, dtype: torch.dtype, value: float, where: str) -> None:
     sick = randn(65537, dtype, device)
-    sick[{"first": 0, "middle": 32768, "last": 65536}[where]] = value
+    sick[{"first": 0, "chunk_end": 32767, "middle": 40001, "last": 65536}[where]] = value
     pairs = [
         ("healthy", randn(1025, dtype, device, seed=1)),
         ("sick", sick),
@@ -126,6 +129,34 @@ def test_fault_positions(device: str, dtype: torch.dtype, value: float, where: s
     report = check_against_reference(pairs, REL_TOL[dtype])
     assert report.first_bad == "sick"
     assert report.nonfinite == [0, 1, 0]
+
+
+# Finite values whose squares overflow the accumulator: fp32 for fp32/bf16, fp64 for fp64.
+HUGE = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float64: 1e200}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("dtype", list(HUGE))
+def test_overflowing_squares_are_not_sick(device: str, dtype: torch.dtype) -> None:
+    huge = HUGE[dtype]
+    overflow = torch.full((300,), huge, dtype=dtype, device=device)
+    then_nan = randn(300, dtype, device)
+    then_nan[:64] = huge  # chunk 0 overflows; the NaN is in chunk 1 (chunks of 64 here)
+    then_nan[100] = math.nan
+    same_chunk = torch.full((300,), huge, dtype=dtype, device=device)
+    same_chunk[10] = math.inf  # an Inf among overflowing squares, then a -Inf in a later chunk
+    same_chunk[299] = -math.inf
+    pairs = [
+        ("overflow", overflow),
+        ("then_nan", then_nan),
+        ("same_chunk", same_chunk),
+        ("healthy", randn(70, dtype, device)),
+    ]
+    report = check_against_reference(pairs, REL_TOL[dtype], **SMALL)
+    assert report.nan == [0, 1, 0, 0] and report.posinf == [0, 0, 1, 0] and report.neginf == [0, 0, 1, 0]
+    assert report.norms[0] == math.inf and report.first_bad == "then_nan"
+    alone = check_tensors([("overflow", overflow)], backend="triton")  # default geometry
+    assert alone.healthy and alone.nonfinite == [0] and alone.norms == [math.inf]
 
 
 def test_many_faults_counted_exactly(device: str) -> None:
@@ -205,19 +236,19 @@ def test_cache_reused_and_rebuilt_when_a_tensor_is_replaced(device: str) -> None
     pairs = list(layer.named_parameters())
     tensors = [t for _, t in pairs]
     check_tensors(pairs, backend="triton")
-    cached = plan.cached_plan(plan.plan_key(tensors), tensors)
+    cached = plan.find_plan(tensors)
     assert cached is not None
 
     with torch.no_grad():  # in-place writes keep the plan and are seen by the next check
         layer.bias[4] = math.nan
     report = check_tensors(pairs, backend="triton")
-    assert plan.cached_plan(plan.plan_key(tensors), tensors) is cached
+    assert plan.find_plan(tensors) is cached
     assert report.first_bad == "bias" and report.nan == [0, 1]
 
     replacement = torch.full((30, 40), math.inf, device=device)
     layer.weight.data = replacement  # same Parameter object, new storage
     report = check_tensors(pairs, backend="triton")
-    new_plan = plan.cached_plan(plan.plan_key(tensors), tensors)
+    new_plan = plan.find_plan(tensors)
     assert new_plan is not None and new_plan is not cached
     assert replacement.data_ptr() in new_plan.table.tolist()
     assert report.posinf == [1200, 0] and report.first_bad == "weight"
@@ -234,9 +265,9 @@ def test_strided_layout_change_rebuilds(device: str) -> None:
     storage[1] = math.nan
     wide = storage.view(20, 20)[:, ::2]  # element 1 is outside: stride 2 skips it
     assert check_tensors([("v", wide)], backend="triton").healthy
-    assert plan.cached_plan(plan.plan_key([wide]), [wide]) is not None
+    assert plan.find_plan([wide]) is not None
     odd = storage.as_strided((20, 10), (20, 1))  # same address, bytes and dtype; new strides
-    assert plan.cached_plan(plan.plan_key([odd]), [odd]) is None
+    assert plan.find_plan([odd]) is None
     assert check_tensors([("v", odd)], backend="triton").nan == [1]
 
 
@@ -248,6 +279,47 @@ def test_non_blocking_handle(device: str) -> None:
         report = handle.result()
         assert handle.ready()
         assert report.nan == [1] and report.first_bad == "t"
+
+
+def test_non_blocking_check_on_cpu_is_ready_at_once() -> None:
+    if not _interpreted():
+        pytest.skip("CPU tensors reach the Triton kernel only under TRITON_INTERPRET=1")
+    tensor = randn(300, torch.float32, "cpu")
+    tensor[7] = -math.inf
+    handle = check_tensors([("t", tensor)], backend="triton", blocking=False)
+    assert handle.ready()
+    tensor[7] = 0.0  # the check already ran: a later write does not reach its result
+    assert handle.result().neginf == [1] and handle.ready()
+
+
+def test_same_objects_are_trusted_and_other_objects_compared(device: str) -> None:
+    from tolaria.health import plan
+
+    weight, bias = randn(100, torch.float32, device), randn(50, torch.float32, device)
+    for _ in range(3):
+        assert check_tensors([("w", weight), ("b", bias)], backend="triton").healthy
+    built = plan.find_plan([weight, bias])
+    assert built is not None and built._trusted_ids is not None and built._alive[0]
+    weight[60] = math.nan
+    head = weight[:50]  # same address and dtype, another object: its size is compared
+    assert plan.find_plan([head, bias]) is None
+    assert check_tensors([("w", head), ("b", bias)], backend="triton").healthy  # 60 is outside
+    for _ in range(2):  # one plan per address tuple: the full-size set is rebuilt, then trusted
+        assert check_tensors([("w", weight), ("b", bias)], backend="triton").nan == [1, 0]
+    trusted = plan.find_plan([weight, bias])
+    assert trusted is not None and trusted._alive[0]
+    del weight, head  # the view kept its base alive
+    gc.collect()
+    assert not trusted._alive[0], "the death of a trusted tensor must end the trust"
+
+    layer = torch.nn.Linear(8, 4).to(device)
+    pairs = list(layer.named_parameters())
+    for _ in range(3):
+        check_tensors(pairs, backend="triton")
+    built = plan.find_plan([t for _, t in pairs])
+    assert built is not None and built._alive[0]
+    layer.bias.data = torch.zeros(4, device=device)  # same object, its old storage dies
+    assert not built._alive[0], "a storage swap under a trusted tensor must end the trust"
 
 
 @pytest.mark.cuda
@@ -262,7 +334,7 @@ def test_cuda_auto_and_graph_replay_see_new_data() -> None:
         report = check_tensors(params)
         assert report.posinf == [1 if i <= step else 0 for i in range(20)]
     tensors = [t for _, t in params]
-    built = plan.cached_plan(plan.plan_key(tensors), tensors)
+    built = plan.find_plan(tensors)
     assert built is not None
     if plan.graphs_enabled():
         assert built.graph is not None, "graph capture fell back to eager launches"
@@ -273,10 +345,30 @@ def test_cuda_auto_and_graph_replay_see_new_data() -> None:
 
 
 @pytest.mark.cuda
+def test_cuda_graph_capture_does_not_synchronize() -> None:
+    from tolaria.health import plan
+
+    params = [(f"p{i}", torch.randn(1 << 20, device="cuda")) for i in range(8)]
+    check_tensors(params)  # build, eager
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # the stream stays busy while the first reuse captures
+    handle = check_tensors(params, blocking=False)  # eager + capture + replay + device compare
+    assert not handle.ready(), "the first reuse waited for the device"
+    assert handle.result().healthy
+    check_tensors(params, blocking=False).result()  # the verdict has landed: adopted now
+    tensors = [t for _, t in params]
+    built = plan.find_plan(tensors)
+    assert built is not None
+    if plan.graphs_enabled():
+        assert built.graph is not None, "graph capture fell back to eager launches"
+
+
+@pytest.mark.cuda
 def test_cuda_non_blocking_does_not_synchronize() -> None:
     params = [(f"p{i}", torch.randn(1 << 20, device="cuda")) for i in range(8)]
     check_tensors(params)  # build
-    check_tensors(params)  # first reuse: capture the CUDA graph (one verifying sync)
+    check_tensors(params)  # first reuse: capture the CUDA graph (compared on the device)
+    check_tensors(params)  # adopt it
     torch.cuda.synchronize()
     torch.cuda._sleep(50_000_000)  # keep the stream busy: the check below must queue behind it
     handle = check_tensors(params, blocking=False)

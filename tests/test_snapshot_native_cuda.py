@@ -23,9 +23,8 @@ SLEEP_CYCLES = 200_000_000  # ~0.1 s on a 2 GHz GPU clock
 
 
 def _warm(store, named: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
-    """Two resolved captures: the arena, then the health check's plan and its CUDA graph (whose
-    one-time capture on the second check waits for the stream) are all in place, so the next
-    capture is asynchronous."""
+    """Two resolved captures, so the arena, the health check's plan and its CUDA-graph trial are
+    all in place and the capture under test does no first-time work."""
     for _ in range(2):
         store.capture(named)
         store.resolve()

@@ -8,7 +8,7 @@ works without Triton and without a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Literal, overload
 
@@ -76,7 +76,9 @@ def check_tensors(
     Returns a :class:`HealthReport` (per-tensor lists in input order), or with
     ``blocking=False`` a :class:`HealthHandle`: on CUDA with the Triton backend its result is
     being copied into pinned memory behind an event, so ``ready()`` never blocks and the host
-    waits only in ``result()``; otherwise the handle is already ready.
+    waits only in ``result()``; otherwise the handle is already ready. Nothing in a
+    non-blocking call waits for the device, including the first reuse of a tensor set (when
+    the CUDA graph is captured). The report is built only by ``result()``.
 
     ``backend``: ``"auto"`` uses Triton for CUDA tensors when it imports, else the reference;
     ``"triton"`` forces the kernel (CPU tensors only under TRITON_INTERPRET=1);
@@ -88,39 +90,46 @@ def check_tensors(
     pairs = named_tensors if isinstance(named_tensors, (list, tuple)) else list(named_tensors)
     if not pairs:
         handle: HealthHandle = ReadyHealth(build_report([], [], [], [], [], backend="reference"))
+        return handle.result() if blocking else handle
+    # A handle keeps the names only: holding the tensors until result() would keep last step's
+    # gradients alive and move this step's to new addresses (a new plan every step).
+    names = [name for name, _ in pairs]
+    tensors = [tensor for _, tensor in pairs]
+    first = tensors[0]
+    if backend == "triton" or (
+        backend == "auto"
+        and isinstance(first, torch.Tensor)
+        and first.is_cuda
+        and (_plan_module or _load_plan_module()) is not None
+    ):
+        handle = _check_triton(names, tensors)
     else:
-        names, tensors = zip(*pairs, strict=True)
-        first_on_cuda = isinstance(tensors[0], torch.Tensor) and tensors[0].is_cuda
-        if backend == "triton" or (backend == "auto" and first_on_cuda and _load_plan_module() is not None):
-            handle = _check_triton(names, tensors, blocking=blocking)
-        else:
-            validate_tensors(names, tensors)
-            handle = ReadyHealth(reference_check(names, tensors))
+        validate_tensors(names, tensors)
+        handle = ReadyHealth(reference_check(names, tensors))
     return handle.result() if blocking else handle
 
 
-def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor], *, blocking: bool) -> HealthHandle:
-    plan_module = _load_plan_module()
+def _check_triton(names: list[str], tensors: list[torch.Tensor]) -> HealthHandle:
+    plan_module = _plan_module or _load_plan_module()
     if plan_module is None:
         raise RuntimeError(f"backend='triton' needs an importable Triton: {_triton_error}")
     try:
-        key = plan_module.plan_key(tensors)
+        plan = plan_module.find_plan(tensors)
     except (TypeError, AttributeError):  # not all tensors: let validation say which
         validate_tensors(names, tensors)
         raise
-    plan = plan_module.cached_plan(key, tensors)
     if plan is None:
         device = validate_tensors(names, tensors)
         from tolaria.health import triton_kernels
 
-        if device.type != "cuda" and not triton_kernels.INTERPRETED:
+        if device.type != "cuda" and not (device.type == "cpu" and triton_kernels.INTERPRETED):
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
                 f"was set before tolaria.health's kernels were imported; got tensors on {device}. "
                 "Use backend='auto' or 'reference' for CPU tensors."
             )
-        plan = plan_module.build_plan(key, tensors)
-    return plan.check(names, tensors, blocking=blocking)
+        plan = plan_module.build_plan(tensors)
+    return plan.check(names, tensors)
 
 
 __all__ = [

@@ -1,14 +1,21 @@
 """Cached launch plans for the fused health kernel: tables, staging, result buffers, CUDA graph.
 
-A plan belongs to one tensor set, keyed by every tensor's ``(data_ptr, nbytes, dtype)`` (plus
-shape and strides of staged tensors). Building it sorts the tensors into kernel dtype groups,
-lays out the chunks, uploads the int64 tables in one asynchronous copy and allocates every
-buffer a check writes. A check with a cached plan creates no tensors: it refreshes the staging
-copies, enqueues the launches and copies the ``[4, T]`` result into a pinned slot behind an
-event. On CUDA the first reuse of a plan captures those launches as one CUDA graph (replayed
-from then on, to cut the host cost of a check to one replay) after checking that a replay
-reproduces the eager result bit for bit; ``TOLARIA_HEALTH_CUDA_GRAPH=0`` keeps eager launches.
-Plans are cached least-recently-used, eight at most; not thread-safe (the Governor is not).
+A plan belongs to one tensor set. Building it sorts the tensors into kernel dtype groups, lays
+out the chunks, uploads the int64 tables in one asynchronous copy and allocates every buffer a
+check writes. A check with a cached plan creates no device tensors: it refreshes the staging
+copies, enqueues the launches (or replays them) and copies the ``[4, T]`` result into a pinned
+slot behind an event. Plans are cached least-recently-used, eight at most; not thread-safe
+(the Governor is not).
+
+Finding the plan of a call costs one ``data_ptr()`` (the cache key) and one ``id()`` per
+tensor when the set is trusted: the same live tensor objects as in the last two checks, on the
+same live storages. Weak references to each tensor and to each storage end the trust when one
+dies; two live storages never share an address, so a tensor whose ``.data`` moved away and back
+to the same address is on a new storage and is compared again. Any other set has every size and
+dtype compared, plus the strides of staged tensors. Not detected: an in-place metadata change of
+a trusted tensor on the same storage at the same address (``resize_``, ``as_strided_``,
+``.data = p.data[:k]`` or ``.view(other_dtype)``); comparing metadata per call would double the
+host cost of a check.
 
 How tensors reach the kernel:
 
@@ -20,42 +27,39 @@ How tensors reach the kernel:
   contiguous staging buffer of a kernel dtype before each check, so they are never skipped;
 - integer and bool tensors skip the kernel; their norm comes from the reference.
 
-Not detected: a tensor that was dense replaced by a strided one at the same address with the
-same byte count and dtype (``as_strided`` games); checking every stride would double the host
-cost of a check.
+CUDA graph: the first reuse of a plan launches eagerly as usual, then captures the same
+launches as a graph, replays it and compares the replay's result with the eager one bit for
+bit ON THE DEVICE; the verdict lands in pinned memory behind an event. A later check adopts the
+graph once that event has completed (``query()``, never a wait) and the verdict says equal;
+until then, and forever after a mismatch or any capture error, checks launch eagerly. No step
+of this blocks the host. ``TOLARIA_HEALTH_CUDA_GRAPH=0`` (read when a plan is built) keeps
+eager launches.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import torch
 
 from tolaria.health import triton_kernels as kernels
 from tolaria.health.reference import integer_norm
-from tolaria.health.report import HealthHandle, PendingHealth, ReadyHealth, ResultSlot, report_from_sums
-
-PlanKey = tuple[tuple[int, ...], tuple[int, ...], tuple[torch.dtype, ...]]
+from tolaria.health.report import PendingHealth, ResultSlot
 
 _CACHE_SIZE = 8  # parameters, gradients, snapshot staging, with room for a few more
-_plans: OrderedDict[PlanKey, TritonPlan] = OrderedDict()
-
+_plans: OrderedDict[tuple[int, ...], TritonPlan] = OrderedDict()
+_log = logging.getLogger(__name__)
 
 _data_ptr = torch.Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
 _dtype = attrgetter("dtype")
-
-
-def plan_key(tensors: Sequence[torch.Tensor]) -> PlanKey:
-    """Everything a plan's tables depend on; a new address, size or dtype means a new plan.
-
-    ``map`` over C-level accessors: this runs on every check, so it is most of the host cost.
-    """
-    return (tuple(map(_data_ptr, tensors)), tuple(map(_nbytes, tensors)), tuple(map(_dtype, tensors)))
 
 
 def graphs_enabled() -> bool:
@@ -63,26 +67,27 @@ def graphs_enabled() -> bool:
     return os.environ.get("TOLARIA_HEALTH_CUDA_GRAPH", "1") != "0"
 
 
-def cached_plan(key: PlanKey, tensors: Sequence[torch.Tensor]) -> TritonPlan | None:
-    """The cached plan for ``tensors`` under ``key``, or None."""
-    plan = _plans.get(key)
-    if plan is None or not plan.layout_matches(tensors):
+def find_plan(tensors: Sequence[torch.Tensor]) -> TritonPlan | None:
+    """The cached plan that reads exactly ``tensors``, or None; TypeError for a non-tensor."""
+    plan = _plans.get(tuple(map(_data_ptr, tensors)))
+    if plan is None or not plan.accepts(tensors):
         return None
-    _plans.move_to_end(key)
+    _plans.move_to_end(plan.addresses)
     return plan
 
 
 def build_plan(
-    key: PlanKey,
     tensors: Sequence[torch.Tensor],
     *,
     block: int | None = None,
     chunk_blocks: int | None = None,
+    runtime: DeviceRuntime | None = None,
 ) -> TritonPlan:
-    """Build a plan; cache it unless the geometry was overridden (tests use tiny blocks)."""
-    plan = TritonPlan(tensors, key, block=block, chunk_blocks=chunk_blocks)
-    if block is None and chunk_blocks is None:
-        _plans[key] = plan
+    """Build a plan; cache it unless the geometry or the runtime was overridden (tests)."""
+    plan = TritonPlan(tensors, block=block, chunk_blocks=chunk_blocks, runtime=runtime)
+    if block is None and chunk_blocks is None and runtime is None:
+        _plans[plan.addresses] = plan
+        _plans.move_to_end(plan.addresses)
         while len(_plans) > _CACHE_SIZE:
             _plans.popitem(last=False)
     return plan
@@ -91,6 +96,45 @@ def build_plan(
 def clear_plans() -> None:
     """Drop every cached plan and the device memory it holds."""
     _plans.clear()
+
+
+class DeviceRuntime:
+    """Every CUDA call of a device check, in one place, so CPU tests can drive it with a fake."""
+
+    def __init__(self) -> None:
+        # What Triton itself uses: the current stream as an int, without building a Stream.
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self.raw_stream: Callable[[int], int] = raw or (lambda i: torch.cuda.current_stream(i).cuda_stream)
+
+    current_device = staticmethod(torch.cuda.current_device)
+    device = staticmethod(torch.cuda.device)
+    current_stream = staticmethod(torch.cuda.current_stream)
+
+    def event(self) -> Any:
+        return torch.cuda.Event()
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def capture(self, device: torch.device, enqueue: Callable[[], None]) -> Any:
+        """Record what ``enqueue`` launches as a CUDA graph; executes nothing."""
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)  # capture needs a stream other than the legacy one
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    enqueue()
+                finally:
+                    graph.capture_end()
+        finally:
+            current.wait_stream(side)
+        return graph
+
+
+_CUDA = DeviceRuntime()
 
 
 def _is_dense(tensor: torch.Tensor) -> bool:
@@ -109,10 +153,9 @@ def _is_dense(tensor: torch.Tensor) -> bool:
 class _Group:
     dtype: torch.dtype
     block: int
-    chunk_size: int
     chunk_base: int
     num_chunks: int
-    tables: tuple[torch.Tensor, ...] = ()  # pointer, numel, chunk tensor, chunk start (device)
+    chunk_table: torch.Tensor  # int64 [2, num_chunks] on the device: addresses, lengths
 
 
 class TritonPlan:
@@ -121,22 +164,22 @@ class TritonPlan:
     def __init__(
         self,
         tensors: Sequence[torch.Tensor],
-        key: PlanKey,
         *,
         block: int | None = None,
         chunk_blocks: int | None = None,
+        runtime: DeviceRuntime | None = None,
     ) -> None:
         chunk_blocks = kernels.CHUNK_BLOCKS if chunk_blocks is None else chunk_blocks
         if not 1 <= chunk_blocks <= kernels.MAX_CHUNK_BLOCKS:
             raise ValueError(f"chunk_blocks must be in [1, {kernels.MAX_CHUNK_BLOCKS}], got {chunk_blocks}")
         if block is not None and (block < 16 or block & (block - 1)):
             raise ValueError(f"block must be a power of two >= 16, got {block}")
-        self.key = key
         self.device = tensors[0].device
         self.num_tensors = len(tensors)
+        self.addresses = tuple(map(_data_ptr, tensors))
+        self.metadata = (tuple(map(_nbytes, tensors)), tuple(map(_dtype, tensors)))
         self.integers: list[int] = []
-        self.staged: list[tuple[int, torch.Tensor]] = []  # (input index, staging view)
-        self.staged_layout: tuple = ()
+        self.staged: list[tuple[int, torch.Tensor]] = []  # (input index, staging buffer)
         members: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
         for index, tensor in enumerate(tensors):
             if not tensor.is_floating_point():
@@ -154,87 +197,176 @@ class TritonPlan:
                 self.staged.append((index, source))
             members.setdefault(kernel_dtype, []).append((index, source))
         self.staged_layout = self._layout(tensors)
+        self._build_tables(members, block, chunk_blocks)
+        self.out = torch.empty((4, self.num_tensors), dtype=torch.float64, device=self.device)
 
-        # Host-side tables, uploaded in one copy: per group [pointers | numels | chunk tensors |
-        # chunk starts], then the [2, T] chunk range of every tensor in input order.
-        host: list[int] = []
-        spans: list[tuple[_Group, list[tuple[int, int]]]] = []
-        chunk_begin = [0] * self.num_tensors
-        chunk_end = [0] * self.num_tensors
-        total_chunks = 0
-        for dtype, group_members in members.items():
+        # The device path (CUDA, or a fake in tests); None: CPU tensors under the interpreter.
+        self._runtime = runtime if runtime is not None else (_CUDA if self.device.type == "cuda" else None)
+        self.slots: list[ResultSlot] = []
+        self.graph: Any = None  # the adopted CUDA graph, replayed by every check
+        self._trial: tuple[Any, torch.Tensor, Any] | None = None  # (graph, verdict, event) pending
+        # Captured at the first reuse, not at build: a set seen once (gradients that land at new
+        # addresses every step) should not pay for a capture.
+        self._graph_wanted = self._runtime is not None and graphs_enabled()
+        if runtime is None and kernels.INTERPRETED:  # interpreted kernels cannot be captured
+            self._graph_wanted = False
+        self._launches = 0
+        self._stream_raw: int | None = None
+        self._stream: Any = None
+        self._last_event: Any = None
+        self._seen_ids: tuple[int, ...] = tuple(map(id, tensors))
+        self._trusted_ids: tuple[int, ...] | None = None
+        self._alive = [False]
+        self._refs: list[weakref.ref[Any]] = []
+
+    def _build_tables(
+        self, members: dict[torch.dtype, list[tuple[int, torch.Tensor]]], block: int | None, chunk_blocks: int
+    ) -> None:
+        """Chunk tables of every group, each tensor's chunk range, finishing trips: one upload."""
+        int64 = torch.int64
+        pieces: list[torch.Tensor] = []
+        spans: list[tuple[torch.dtype, int, int, int, int]] = []  # dtype, block, base, chunks, at
+        chunk_begin = torch.zeros(self.num_tensors, dtype=int64)
+        chunk_end = torch.zeros(self.num_tensors, dtype=int64)
+        total = offset = 0
+        for dtype, group in members.items():
             group_block = block or kernels.block_size(dtype)
             chunk_size = group_block * chunk_blocks
-            pointers: list[int] = []
-            numels: list[int] = []
-            chunk_tensor: list[int] = []
-            chunk_start: list[int] = []
-            for local, (index, source) in enumerate(group_members):
-                pointers.append(source.data_ptr())
-                numels.append(source.numel())
-                chunk_begin[index] = total_chunks + len(chunk_start)
-                for first in range(0, source.numel(), chunk_size):
-                    chunk_tensor.append(local)
-                    chunk_start.append(first)
-                chunk_end[index] = total_chunks + len(chunk_start)
-            group = _Group(dtype, group_block, chunk_size, total_chunks, len(chunk_start))
-            total_chunks += len(chunk_start)
-            ranges = []
-            for values in (pointers, numels, chunk_tensor, chunk_start):
-                ranges.append((len(host), len(host) + len(values)))
-                host.extend(values)
-            spans.append((group, ranges))
-        tensor_chunks_at = len(host)
-        host.extend(chunk_begin + chunk_end)
-        trips_at = len(host)
-        host.extend(kernels.finish_trips(chunk_begin, chunk_end))
-        table = torch.tensor(host, dtype=torch.int64)
+            indices = torch.tensor([index for index, _ in group], dtype=int64)
+            numels = torch.tensor([source.numel() for _, source in group], dtype=int64)
+            bases = torch.tensor([source.data_ptr() for _, source in group], dtype=int64)
+            counts = (numels + chunk_size - 1) // chunk_size
+            firsts = torch.cumsum(counts, 0) - counts
+            chunk_begin[indices] = total + firsts
+            chunk_end[indices] = total + firsts + counts
+            num_chunks = int(counts.sum())
+            if num_chunks:
+                owner = torch.repeat_interleave(torch.arange(len(group)), counts)
+                starts = (torch.arange(num_chunks) - firsts[owner]) * chunk_size
+                lengths = torch.clamp(numels[owner] - starts, max=chunk_size)
+                pieces += [bases[owner] + starts * dtype.itemsize, lengths]
+                spans.append((dtype, group_block, total, num_chunks, offset))
+                offset += 2 * num_chunks
+            total += num_chunks
+        trips = kernels.finish_trips(chunk_end - chunk_begin)
+        table = torch.cat([*pieces, chunk_begin, chunk_end, trips])
         if self.device.type == "cuda":  # pinned and asynchronous: a new plan never blocks the host
             table = table.pin_memory().to(self.device, non_blocking=True)
-        self.table = table  # the groups' tables are views into this one buffer
-        self.groups: list[_Group] = []
-        for group, ranges in spans:
-            if group.num_chunks:
-                group.tables = tuple(table[a:b] for a, b in ranges)
-                self.groups.append(group)
-        self.tensor_chunks = table[tensor_chunks_at:trips_at]
-        self.finish_trips = table[trips_at:]
-        self.total_chunks = total_chunks
-        self.partial_sumsq = torch.empty(max(total_chunks, 1), dtype=torch.float64, device=self.device)
-        self.partial_counts = torch.empty(3 * max(total_chunks, 1), dtype=torch.int32, device=self.device)
-        self.out = torch.empty((4, self.num_tensors), dtype=torch.float64, device=self.device)
-        self.slots: list[ResultSlot] = []
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._last_stream: torch.cuda.Stream | None = None
-        self._last_event: torch.cuda.Event | None = None
-        # Captured at the first reuse, not at build: a set seen once (gradients that land at new
-        # addresses every step) should not pay for a capture and its one verifying sync.
-        self._graph_pending = self.device.type == "cuda" and not kernels.INTERPRETED and graphs_enabled()
-        self._checks = 0
+        self.table = table  # every table below is a view into this one buffer
+        self.groups = [
+            _Group(dtype, group_block, base, count, table[at : at + 2 * count])
+            for dtype, group_block, base, count, at in spans
+        ]
+        self.tensor_chunks = table[offset : offset + 2 * self.num_tensors]
+        self.finish_trips = table[offset + 2 * self.num_tensors :]
+        self.total_chunks = total
+        self.partial_sumsq = torch.empty(max(total, 1), dtype=torch.float64, device=self.device)
+        self.partial_counts = torch.empty(3 * max(total, 1), dtype=torch.int32, device=self.device)
 
+    # -- which calls this plan serves -------------------------------------------------------
     def _layout(self, tensors: Sequence[torch.Tensor]) -> tuple:
         return tuple((tensors[i].shape, tensors[i].stride()) for i, _ in self.staged)
 
-    def layout_matches(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """The key fixes addresses and sizes; staged views must also keep their strides."""
-        return not self.staged or self._layout(tensors) == self.staged_layout
+    def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, strides."""
+        ids = tuple(map(id, tensors))
+        if ids == self._trusted_ids and self._alive[0]:
+            return True
+        if (tuple(map(_nbytes, tensors)), tuple(map(_dtype, tensors))) != self.metadata:
+            return False
+        if self.staged and self._layout(tensors) != self.staged_layout:
+            return False
+        if ids == self._seen_ids:
+            self._trust(tensors, ids)
+        self._seen_ids = ids
+        return True
+
+    def _trust(self, tensors: Sequence[torch.Tensor], ids: tuple[int, ...]) -> None:
+        """Skip the metadata comparison while these objects and their storages are alive."""
+        alive = [True]
+
+        def forget(_: object, alive: list[bool] = alive) -> None:
+            alive[0] = False
+
+        try:  # torch keeps a storage's Python object as long as the storage itself
+            refs: list[weakref.ref[Any]] = [weakref.ref(tensor, forget) for tensor in tensors]
+            refs += [weakref.ref(tensor.untyped_storage(), forget) for tensor in tensors]
+        except Exception:  # no weak references or no storage: keep comparing metadata
+            return
+        self._refs, self._trusted_ids, self._alive = refs, ids, alive
+
+    # -- one check ------------------------------------------------------------------------------
+    def check(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> PendingHealth:
+        """Enqueue one check on the current stream; returns its handle without waiting.
+
+        CPU tensors (interpreter) are finished when this returns, so their handle is ready.
+        """
+        runtime = self._runtime
+        if runtime is None:
+            self._launch(tensors)
+            return PendingHealth(names, ResultSlot(self.out.clone(), None), "triton")
+        index = self.device.index
+        if runtime.current_device() != index:  # Triton launches on the current device
+            with runtime.device(index):
+                return self._check_device(names, tensors, runtime)
+        return self._check_device(names, tensors, runtime)
+
+    def _check_device(
+        self, names: Sequence[str], tensors: Sequence[torch.Tensor], runtime: DeviceRuntime
+    ) -> PendingHealth:
+        raw = runtime.raw_stream(self.device.index)
+        if raw != self._stream_raw:  # another stream: order it after the last check's buffers
+            stream = runtime.current_stream(self.device)
+            if self._last_event is not None:
+                stream.wait_event(self._last_event)
+                if self.device.type == "cuda":  # and keep them from reuse until its work is done
+                    for buffer in (self.table, self.partial_sumsq, self.partial_counts, self.out):
+                        buffer.record_stream(stream)
+                    for _, staging in self.staged:
+                        staging.record_stream(stream)
+            self._stream, self._stream_raw = stream, raw
+        self._launch(tensors)
+        slot = self._free_slot(runtime)
+        slot.host.copy_(self.out, non_blocking=True)
+        slot.event.record(self._stream)
+        self._last_event = slot.event
+        return PendingHealth(names, slot, "triton")
+
+    def _free_slot(self, runtime: DeviceRuntime) -> ResultSlot:
+        for slot in self.slots:
+            if slot.is_free():
+                return slot
+        # Every slot is held by an unread handle: grow the ring rather than overwrite one.
+        slot = ResultSlot(runtime.host_buffer((4, self.num_tensors), torch.float64), runtime.event())
+        self.slots.append(slot)
+        return slot
+
+    def _launch(self, tensors: Sequence[torch.Tensor]) -> None:
+        if self._trial is not None:
+            self._settle_trial()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._enqueue(tensors)
+            if self._graph_wanted and self._launches:
+                self._start_trial(tensors)
+            self._launches += 1
+        if self.integers:
+            with torch.no_grad():
+                for index in self.integers:
+                    self.out[0, index] = integer_norm(tensors[index]).square()
 
     def _enqueue(self, tensors: Sequence[torch.Tensor]) -> None:
         for index, staging in self.staged:
             staging.copy_(tensors[index].detach())
         for group in self.groups:
-            pointers, numels, chunk_tensor, chunk_start = group.tables
             kernels.launch_partials(
-                ptr_table=pointers,
-                numel_table=numels,
-                chunk_tensor=chunk_tensor,
-                chunk_start=chunk_start,
+                chunk_table=group.chunk_table,
                 partial_sumsq=self.partial_sumsq,
                 partial_counts=self.partial_counts,
                 chunk_base=group.chunk_base,
                 num_chunks=group.num_chunks,
                 total_chunks=self.total_chunks,
-                chunk_size=group.chunk_size,
                 dtype=group.dtype,
                 block=group.block,
             )
@@ -248,77 +380,37 @@ class TritonPlan:
             total_chunks=self.total_chunks,
         )
 
-    def _capture_graph(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Record the launches as one CUDA graph, used only if its replay matches bit for bit.
+    # -- the CUDA graph -----------------------------------------------------------------------
+    def _start_trial(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Capture the launches just made eagerly, replay them, compare on the device.
 
-        Called right after an eager check, so the kernels are compiled and ``out`` holds the
-        answer for the same data; any failure leaves the plan on eager launches.
+        Enqueued after this check's eager launches, so ``out`` holds the answer for the same
+        data; whatever happens, the check delivers that eager answer. One try per plan.
         """
-        self._graph_pending = False
+        self._graph_wanted = False
+        runtime = self._runtime
+        assert runtime is not None
         expected = self.out.clone()
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
         try:
-            with torch.cuda.stream(side):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    self._enqueue(tensors)
-                finally:
-                    graph.capture_end()
-            current.wait_stream(side)
+            graph = runtime.capture(self.device, lambda: self._enqueue(tensors))
             graph.replay()
             # Compared as bits: a sick model's NaN sums must not count as a mismatch.
-            if torch.equal(self.out.view(torch.int64), expected.view(torch.int64)):
-                self.graph = graph
+            same = torch.eq(self.out.view(torch.int64), expected.view(torch.int64)).all()
+            verdict = runtime.host_buffer((), torch.bool)
+            verdict.copy_(same, non_blocking=True)
+            landed = runtime.event()
+            landed.record(self._stream)
+            self._trial = (graph, verdict, landed)
         except Exception:  # an optimization only: any failure keeps the eager launches
-            current.wait_stream(side)
+            _log.debug("health check: CUDA graph capture failed; eager launches kept", exc_info=True)
+        finally:
             self.out.copy_(expected)
 
-    def _launch(self, tensors: Sequence[torch.Tensor]) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._enqueue(tensors)
-            self._checks += 1
-            if self._graph_pending and self._checks >= 2:
-                self._capture_graph(tensors)
-        with torch.no_grad():
-            for index in self.integers:
-                self.out[0, index] = integer_norm(tensors[index]).square()
-
-    def check(self, names: Sequence[str], tensors: Sequence[torch.Tensor], *, blocking: bool) -> HealthHandle:
-        """Enqueue one check on the current stream; CPU tensors (interpreter) finish before return."""
-        if self.device.type != "cuda":
-            self._launch(tensors)
-            return ReadyHealth(report_from_sums(names, self.out.tolist(), "triton"))
-        if self.device.index != torch.cuda.current_device():  # Triton launches on the current one
-            with torch.cuda.device(self.device):
-                return self._check_cuda(names, tensors, blocking=blocking)
-        return self._check_cuda(names, tensors, blocking=blocking)
-
-    def _check_cuda(
-        self, names: Sequence[str], tensors: Sequence[torch.Tensor], *, blocking: bool
-    ) -> HealthHandle:
-        stream = torch.cuda.current_stream(self.device)
-        if self._last_event is not None and stream != self._last_stream:
-            stream.wait_event(self._last_event)  # `out` and the partials are shared by calls
-        self._launch(tensors)
-        slot = self._free_slot()
-        slot.host.copy_(self.out, non_blocking=True)
-        slot.event.record(stream)
-        self._last_stream, self._last_event = stream, slot.event
-        handle = PendingHealth(names, slot, "triton")
-        if blocking:
-            handle.result()
-        return handle
-
-    def _free_slot(self) -> ResultSlot:
-        for slot in self.slots:
-            if slot.is_free():
-                return slot
-        # Every slot is held by an unread handle: grow the ring rather than overwrite one.
-        slot = ResultSlot(self.num_tensors)
-        self.slots.append(slot)
-        return slot
+    def _settle_trial(self) -> None:
+        """Adopt the trial graph once its verdict has landed and says equal; never waits."""
+        assert self._trial is not None
+        graph, verdict, landed = self._trial
+        if landed.query():
+            self._trial = None
+            if bool(verdict.item()):
+                self.graph = graph

@@ -6,6 +6,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,21 +76,39 @@ def build_report(
 
 
 def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], backend: str) -> HealthReport:
-    """Build a report from the kernel's ``[4][T]`` rows: sums of squares, NaN, +Inf, -Inf counts."""
+    """Build a report from the kernel's ``[4][T]`` rows: sums of squares, NaN, +Inf, -Inf counts.
+
+    A healthy result, the common case, builds its count lists without converting a float per
+    tensor.
+    """
     squares, nan, posinf, neginf = sums
-    return build_report(
-        names,
-        [math.sqrt(s) for s in squares],
-        [int(c) for c in nan],
-        [int(c) for c in posinf],
-        [int(c) for c in neginf],
-        backend,
-        squares=squares,
+    count = len(names)
+    if any(nan) or any(posinf) or any(neginf):
+        nan_counts = [int(c) for c in nan]
+        posinf_counts = [int(c) for c in posinf]
+        neginf_counts = [int(c) for c in neginf]
+        nonfinite = [a + b + c for a, b, c in zip(nan_counts, posinf_counts, neginf_counts, strict=True)]
+        first_bad = next((name for name, bad in zip(names, nonfinite, strict=True) if bad), None)
+    else:
+        nan_counts, posinf_counts, neginf_counts = [0] * count, [0] * count, [0] * count
+        nonfinite, first_bad = [0] * count, None
+    return HealthReport(
+        names=list(names),
+        nonfinite=nonfinite,
+        nan=nan_counts,
+        posinf=posinf_counts,
+        neginf=neginf_counts,
+        norms=list(map(math.sqrt, squares)),
+        global_norm=_root_of_sum(squares),
+        first_bad=first_bad,
+        backend=backend,
     )
 
 
 class HealthHandle:
     """A health check in flight: ``ready()`` never blocks, ``result()`` waits for the report."""
+
+    __slots__ = ()
 
     def ready(self) -> bool:
         raise NotImplementedError
@@ -99,7 +118,9 @@ class HealthHandle:
 
 
 class ReadyHealth(HealthHandle):
-    """A check that finished before its call returned (CPU tensors, the reference backend)."""
+    """A check that finished before its call returned (the reference backend)."""
+
+    __slots__ = ("_report",)
 
     def __init__(self, report: HealthReport) -> None:
         self._report = report
@@ -112,17 +133,19 @@ class ReadyHealth(HealthHandle):
 
 
 class ResultSlot:
-    """A pinned host buffer for one ``[4, T]`` fp64 result and the event that says it landed.
+    """A host buffer for one ``[4, T]`` fp64 result and the event that says it landed.
 
-    ``owner`` weakly names the handle still to read it: a slot whose handle was read or dropped
-    may be reused (a copy still in flight into it is stream-ordered before the next one).
+    On CUDA the buffer is pinned and ``event`` follows the copy into it; for a check that
+    finished on the host (the interpreter), ``event`` is None. ``owner`` weakly names the handle
+    still to read it: a slot whose handle was read or dropped may be reused (a copy still in
+    flight into it is stream-ordered before the next one).
     """
 
     __slots__ = ("host", "event", "owner")
 
-    def __init__(self, num_tensors: int) -> None:
-        self.host = torch.empty((4, num_tensors), dtype=torch.float64, pin_memory=True)
-        self.event = torch.cuda.Event()
+    def __init__(self, host: torch.Tensor, event: Any) -> None:
+        self.host = host
+        self.event = event
         self.owner: weakref.ref[PendingHealth] | None = None
 
     def is_free(self) -> bool:
@@ -130,7 +153,13 @@ class ResultSlot:
 
 
 class PendingHealth(HealthHandle):
-    """A CUDA check whose result is being copied into a pinned :class:`ResultSlot`."""
+    """A kernel check whose ``[4, T]`` result is landing in a :class:`ResultSlot`.
+
+    The report is built by the first ``result()``; ``ready()`` is one event query (no
+    synchronization); ``result()`` waits for the event.
+    """
+
+    __slots__ = ("_names", "_slot", "_report", "_backend", "__weakref__")
 
     def __init__(self, names: Sequence[str], slot: ResultSlot, backend: str) -> None:
         self._names = names
@@ -140,12 +169,14 @@ class PendingHealth(HealthHandle):
         slot.owner = weakref.ref(self)
 
     def ready(self) -> bool:
-        return self._slot is None or self._slot.event.query()
+        slot = self._slot
+        return slot is None or slot.event is None or bool(slot.event.query())
 
     def result(self) -> HealthReport:
         slot = self._slot
         if slot is not None:
-            slot.event.synchronize()
+            if slot.event is not None:
+                slot.event.synchronize()
             self._report = report_from_sums(self._names, slot.host.tolist(), self._backend)
             slot.owner = None  # the plan may now reuse the buffer
             self._slot = None

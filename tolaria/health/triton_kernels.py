@@ -3,22 +3,23 @@
 Two deterministic passes (no atomics anywhere):
 
 1. ``_health_partials_kernel``, one launch per dtype group. Program ``p`` reads chunk ``p`` of
-   the group: the chunk table gives its tensor (an index into the group's pointer and numel
-   tables) and its first element; the chunk ends ``chunk_size`` elements later or at the
-   tensor's end. It writes one partial per chunk (sum of squares as fp64, three int32 counts)
-   at ``chunk_base + p`` of buffers shared by all groups.
+   the group; the group's chunk table gives the chunk's first element as a device address and
+   its length. The hot loop does nothing but accumulate squares (fp32; fp64 for fp64 input).
+   Squares are never negative, so the chunk's sum is NaN or +Inf exactly when the chunk holds a
+   NaN or an Inf, or when finite squares overflow. Only then (rare) does the program read its
+   chunk again (its tail block is still in registers) and count NaN, +Inf and -Inf exactly; a
+   finite tensor whose squares overflow comes out with zero counts and an infinite norm, like
+   the reference. One partial per chunk (sum of squares widened to fp64, three int32 counts)
+   lands at ``chunk_base + p`` of buffers shared by all groups.
 2. ``_health_finish_kernel``, one launch for all groups. Each program takes FINISH_ROWS
    tensors (in input order); each tensor's partials are one contiguous range, summed in a
    fixed order into column ``t`` of the result ``[4, T]`` fp64: sum of squares, NaN, +Inf,
    -Inf counts (exact in fp64 below 2**53). The host reads that one small buffer.
 
-Per element: NaN is ``x != x``; +Inf and -Inf are compared apart; squares accumulate in fp32
-(fp64 for fp64 input), and each chunk's sum is widened to fp64 before the finishing pass.
-
-Tensors are addressed through int64 device addresses loaded from the pointer table and cast
-to typed pointers, so one launch covers any number of tensors. Under ``TRITON_INTERPRET=1``
-the "device" addresses of CPU tensors are host addresses, which the interpreter dereferences
-just the same: the identical code runs on CPU in the tests.
+Tensors are addressed through int64 device addresses loaded from the chunk table and cast to
+typed pointers, so one launch covers any number of tensors. Under ``TRITON_INTERPRET=1`` the
+"device" addresses of CPU tensors are host addresses, which the interpreter dereferences just
+the same: the identical code runs on CPU in the tests.
 
 Import this module only after TRITON_INTERPRET has its final value: ``@triton.jit`` reads it.
 """
@@ -35,8 +36,9 @@ import triton.language as tl
 # were built for the interpreter (CPU tensors allowed) or for the GPU.
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
-# Every table address is a multiple of this (unaligned tensors are staged by the plan); the
-# hint lets the compiler emit 16-byte vector loads through a pointer it cannot see.
+# Every chunk address is a multiple of this (unaligned tensors are staged by the plan; chunks
+# start at multiples of BLOCK elements); the hint lets the compiler emit 16-byte vector loads
+# through a pointer it cannot see.
 ADDRESS_ALIGNMENT = 16
 
 _ELEMENT_TYPES = {
@@ -48,63 +50,70 @@ _ELEMENT_TYPES = {
 KERNEL_DTYPES: tuple[torch.dtype, ...] = tuple(_ELEMENT_TYPES)
 
 # The finishing pass sums FINISH_BLOCK partials per step for FINISH_ROWS tensors per program;
-# both are fixed, so the summation order (and every bit of the result) is too.
-FINISH_ROWS = 16
-FINISH_BLOCK = 64
+# both are fixed, so the summation order (and every bit of the result) is too. Few rows and a
+# wide block: a long tensor's range (GPT-2's embedding has ~1200 chunks) takes few dependent
+# steps, and the program stays at 64 registers.
+FINISH_ROWS = 2
+FINISH_BLOCK = 256
+
+# Plain ints, not constexprs: specializing on their values would compile a variant per plan.
+_RUNTIME_INTS = ["num_chunks", "chunk_base", "total_chunks"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _health_partials_kernel(
-    ptr_table,
-    numel_table,
-    chunk_tensor,
-    chunk_start,
+    chunk_table,
     partial_sumsq,
     partial_counts,
+    num_chunks,
     chunk_base,
     total_chunks,
-    chunk_size,
     ELEMENT: tl.constexpr,
     ACCUMULATOR: tl.constexpr,
     ALIGNMENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tensor = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + chunk_size, tl.load(numel_table + tensor))
-    base = tl.load(ptr_table + tensor).to(tl.pointer_type(ELEMENT))
-
+    # Two independent loads (address, length): one memory latency before the data streams.
+    base = tl.load(chunk_table + pid).to(tl.pointer_type(ELEMENT))
+    length = tl.load(chunk_table + num_chunks + pid).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK * BLOCK
+
+    # The hot loop: one load and one fused multiply-add per element, nothing else.
+    # Full blocks load without a mask (a mask against an arbitrary length defeats vector
+    # loads); `base` is ALIGNMENT-byte aligned and `offset` a multiple of BLOCK (the plan's
+    # promise), hence 16-byte vector loads.
     sumsq = tl.zeros([BLOCK], dtype=ACCUMULATOR)
-    # NaN is the only value unequal to itself. The three per-lane counts share one int32 in
-    # 10-bit fields (NaN, +Inf << 10, -Inf << 20): a lane sees at most chunk_size // BLOCK + 1
-    # elements per chunk, which the launcher keeps below 1024, so the fields never carry.
-    flags = tl.zeros([BLOCK], dtype=tl.int32)
-    inf = float("inf")
-    # Full blocks load without a mask (a mask against an arbitrary `end` defeats vector loads).
-    # The compiler cannot see an address loaded from a table, so say what the plan guarantees:
-    # `base` is ALIGNMENT-byte aligned and `offset` a multiple of BLOCK (chunk starts are
-    # multiples of chunk_size, itself a multiple of BLOCK), hence 16-byte vector loads.
-    full_end = start + (end - start) // BLOCK * BLOCK
-    for offset in range(start, full_end, BLOCK):
+    for offset in range(0, full, BLOCK):
         pointers = tl.max_contiguous(tl.multiple_of(base + offset + lanes, [ALIGNMENT]), [BLOCK])
         x = tl.load(pointers).to(ACCUMULATOR)
         sumsq += x * x
-        flags += (x != x).to(tl.int32) + ((x == inf).to(tl.int32) << 10) + ((x == -inf).to(tl.int32) << 20)
-    index = full_end + lanes
-    x = tl.load(base + index, mask=index < end, other=0.0).to(ACCUMULATOR)
+    index = full + lanes
+    x = tl.load(base + index, mask=index < length, other=0.0).to(ACCUMULATOR)
     sumsq += x * x
-    flags += (x != x).to(tl.int32) + ((x == inf).to(tl.int32) << 10) + ((x == -inf).to(tl.int32) << 20)
+    total = tl.sum(sumsq, axis=0)
+
+    # The sick path: only a chunk whose sum is NaN or +Inf reads its full blocks again, with
+    # the same vector loads, and counts; the tail block is still in registers. The three
+    # per-lane counts share one int32 in 10-bit fields (NaN, +Inf << 10, -Inf << 20): a lane
+    # sees one element per block of the chunk, at most MAX_CHUNK_BLOCKS + 1 < 1024.
+    inf = float("inf")
+    flags = (x != x).to(tl.int32) + ((x == inf).to(tl.int32) << 10) + ((x == -inf).to(tl.int32) << 20)
+    count_end = tl.where((total != total) | (total == inf), full, 0)
+    for offset in range(0, count_end, BLOCK):
+        pointers = tl.max_contiguous(tl.multiple_of(base + offset + lanes, [ALIGNMENT]), [BLOCK])
+        y = tl.load(pointers).to(ACCUMULATOR)  # exact
+        flags += (y != y).to(tl.int32) + ((y == inf).to(tl.int32) << 10) + ((y == -inf).to(tl.int32) << 20)
 
     slot = chunk_base + pid
-    tl.store(partial_sumsq + slot, tl.sum(sumsq, axis=0).to(tl.float64))
+    tl.store(partial_sumsq + slot, total.to(tl.float64))
     tl.store(partial_counts + slot, tl.sum(flags & 1023, axis=0))
     tl.store(partial_counts + total_chunks + slot, tl.sum((flags >> 10) & 1023, axis=0))
     tl.store(partial_counts + 2 * total_chunks + slot, tl.sum(flags >> 20, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors", "total_chunks"])
 def _health_finish_kernel(
     partial_sumsq,
     partial_counts,
@@ -142,43 +151,45 @@ def _health_finish_kernel(
 
 
 def block_size(dtype: torch.dtype) -> int:
-    """Elements per program iteration: 16 KiB of fp64/fp32, 8 KiB of fp16/bf16 (registers)."""
-    return 2048 if dtype == torch.float64 else 4096
+    """Elements per program iteration: 16 per thread of _NUM_WARPS warps (8 for fp64).
+
+    Sixteen fp32 elements are four 16-byte loads in flight per thread, with ~40 registers:
+    enough resident threads per SM to cover HBM latency several times over.
+    """
+    return 1024 if dtype == torch.float64 else 2048
 
 
-# Chunks of 16 blocks (256 KiB of fp32) give ~4000 programs per GiB: enough to fill any GPU,
-# few enough that the chunk table and the finishing pass stay small.
+# Chunks of 16 blocks (128 KiB of fp32, 64 KiB of fp16/bf16) give ~8000 programs per GiB: short
+# programs keep the last wave's tail small on a model of a few hundred MB, and the tables and
+# the finishing pass stay small.
 CHUNK_BLOCKS = 16
-MAX_CHUNK_BLOCKS = 1022  # keeps the kernel's 10-bit per-lane count fields below 1024
-_NUM_WARPS = 8
+MAX_CHUNK_BLOCKS = 1022  # keeps the sick path's 10-bit per-lane count fields below 1024
+_NUM_WARPS = 4
 
 
 def launch_partials(
     *,
-    ptr_table: torch.Tensor,
-    numel_table: torch.Tensor,
-    chunk_tensor: torch.Tensor,
-    chunk_start: torch.Tensor,
+    chunk_table: torch.Tensor,
     partial_sumsq: torch.Tensor,
     partial_counts: torch.Tensor,
     chunk_base: int,
     num_chunks: int,
     total_chunks: int,
-    chunk_size: int,
     dtype: torch.dtype,
     block: int,
 ) -> None:
-    """Enqueue the partials pass for one dtype group of ``num_chunks`` chunks (int64 tables)."""
+    """Enqueue the partials pass for one dtype group.
+
+    ``chunk_table`` is int64 ``[2, num_chunks]``: each chunk's first element as a device
+    address (ADDRESS_ALIGNMENT-aligned), then its length in elements (at most 1022 blocks).
+    """
     _health_partials_kernel[(num_chunks,)](
-        ptr_table,
-        numel_table,
-        chunk_tensor,
-        chunk_start,
+        chunk_table,
         partial_sumsq,
         partial_counts,
+        num_chunks,
         chunk_base,
         total_chunks,
-        chunk_size,
         ELEMENT=_ELEMENT_TYPES[dtype],
         ACCUMULATOR=tl.float64 if dtype == torch.float64 else tl.float32,
         ALIGNMENT=ADDRESS_ALIGNMENT,
@@ -187,13 +198,13 @@ def launch_partials(
     )
 
 
-def finish_trips(chunk_begin: list[int], chunk_end: list[int]) -> list[int]:
-    """Per finishing program, the longest partial range of its FINISH_ROWS tensors, in blocks."""
-    lengths = [end - begin for begin, end in zip(chunk_begin, chunk_end, strict=True)]
-    return [
-        -(-max(lengths[first : first + FINISH_ROWS]) // FINISH_BLOCK)
-        for first in range(0, len(lengths), FINISH_ROWS)
-    ]
+def finish_trips(chunks_per_tensor: torch.Tensor) -> torch.Tensor:
+    """Per finishing program, the longest partial range of its FINISH_ROWS tensors, in blocks.
+
+    ``chunks_per_tensor`` is int64 ``[T]`` in input order; returns int64 ``[ceil(T / ROWS)]``.
+    """
+    padded = torch.nn.functional.pad(chunks_per_tensor, (0, -chunks_per_tensor.numel() % FINISH_ROWS))
+    return (padded.view(-1, FINISH_ROWS).amax(dim=1) + FINISH_BLOCK - 1) // FINISH_BLOCK
 
 
 def launch_finish(

@@ -39,9 +39,8 @@ Which tensors count as parameters: ``nn.Parameter`` instances, so pass
 treated as buffers: still correct, but each goes through the device scratch (extra device
 memory and a device-to-device copy on the caller's stream).
 
-The health check's first reuse of a plan captures a CUDA graph and compares its replay with the
-host, which waits for the side stream once: the second capture of a tensor set blocks until its
-copy is done; from the third on, ``capture()`` returns while the copy runs.
+``capture()`` returns while the copy runs: the health check enqueued with it never blocks the
+host (its one-time CUDA-graph trial is compared on the device, see :mod:`tolaria.health.plan`).
 
 Restore: synchronize the device, one batched host→device copy from the committed arena into
 the live tensors on the side stream, synchronize that stream; non-contiguous or moved targets go
