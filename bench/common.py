@@ -9,6 +9,7 @@ of calls that enqueue work (the host cost of an asynchronous check).
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import time
@@ -166,3 +167,27 @@ def markdown_table(rows: Sequence[Measurement], *, baselines: dict[str, str] | N
             f"{_format_seconds(row.p10_s)} | {_format_seconds(row.p90_s)} | {gbps} | {speedup} |"
         )
     return "\n".join(lines)
+
+
+def module_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every ``python -m bench.<scenario>`` shares: ``--device`` and ``--quick``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    return parser
+
+
+def print_report(
+    title: str, rows: Sequence[Measurement], lines: Sequence[str], baseline_of: Callable[[str], str]
+) -> None:
+    """Ratios first, then the table of absolute times (each row's speed-up against its baseline)."""
+    print(f"# {title}\n")
+    print("## Ratios\n")
+    print("\n".join(f"- {line}" for line in lines))
+    print("\n## Measurements\n")
+    print(markdown_table(rows, baselines={row.scenario: baseline_of(row.scenario) for row in rows}))
+
+
+def all_finished(rows: Sequence[Measurement]) -> bool:
+    """False when a measurement did not produce a finite time."""
+    return all(math.isfinite(row.median_s) for row in rows)

@@ -22,15 +22,13 @@ Run ``python -m bench.health [--device cpu|cuda] [--quick]``. Without a GPU,
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 
 import torch
 
-from bench.common import Measurement, device_label, markdown_table, measure, ratio
+from bench.common import Measurement, all_finished, device_label, measure, module_parser, print_report, ratio
 from tolaria.health import check_tensors
 
 BASELINE = "isfinite-loop"
@@ -241,9 +239,7 @@ def host_dispatch(reps: int = 300) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser = module_parser(__doc__)
     parser.add_argument("--host-dispatch", action="store_true", help="Python host cost only (no GPU)")
     args = parser.parse_args(argv)
     if args.host_dispatch:
@@ -251,12 +247,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"- {line}")
         return
     rows = run(args.device, args.quick)
-    print(f"# health check on {device_label(args.device)} (torch {torch.__version__})\n")
-    print(markdown_table(rows, baselines={row.scenario: BASELINE for row in rows}))
-    print()
-    for line in summary(rows):
-        print(f"- {line}")
-    if not all(math.isfinite(row.median_s) for row in rows):
+    title = f"health check on {device_label(args.device)} (torch {torch.__version__})"
+    print_report(title, rows, summary(rows), lambda scenario: BASELINE)
+    if not all_finished(rows):
         raise SystemExit("a measurement did not finish")
 
 

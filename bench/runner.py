@@ -24,7 +24,7 @@ import torch
 from bench import health as health_bench
 from bench import snapshot as snapshot_bench
 from bench import training as training_bench
-from bench.common import Measurement, device_label, markdown_table
+from bench.common import Measurement, all_finished, device_label, print_report
 from tolaria._version import __version__
 
 RESULTS_CSV = Path(__file__).resolve().parent / "results" / "results.csv"
@@ -34,10 +34,8 @@ CSV_FIELDS = ("timestamp", "git_sha", "tolaria", "torch", "device", "scenario", 
 
 def baseline_of(scenario: str) -> str:
     """The variant a scenario's ratios are taken against (the old way)."""
-    if scenario.startswith("snapshot/"):
-        return snapshot_bench.SNAPSHOT_BASELINE
-    if scenario.startswith("restore/"):
-        return snapshot_bench.RESTORE_BASELINE
+    if scenario.startswith(("snapshot/", "restore/")):
+        return snapshot_bench.baseline_of(scenario)
     if scenario.startswith("health/"):
         return health_bench.BASELINE
     if scenario.startswith("rollback/"):
@@ -160,11 +158,8 @@ def run_command(args: argparse.Namespace) -> int:
     label = device_label(device)
     sha = _git_sha()
     lines = summary_lines(rows)
-    print(f"# tolaria bench on {label} (torch {torch.__version__}, tolaria {__version__}, {sha})\n")
-    print("## Ratios\n")
-    print("\n".join(f"- {line}" for line in lines))
-    print("\n## Measurements\n")
-    print(markdown_table(rows, baselines={r.scenario: baseline_of(r.scenario) for r in rows}))
+    print_report(f"tolaria bench on {label} (torch {torch.__version__}, tolaria {__version__}, {sha})",
+                 rows, lines, baseline_of)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"device": label, "torch": torch.__version__, "tolaria": __version__, "git_sha": sha,
                "timestamp": stamp, "quick": args.quick, "summary": lines,
@@ -175,7 +170,7 @@ def run_command(args: argparse.Namespace) -> int:
         append_csv(rows, RESULTS_CSV, stamp=stamp, sha=sha)
     console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'overhead.png'}"
                   + ("" if args.no_csv else f", appended {len(rows)} rows to {RESULTS_CSV}"))  # fmt: skip
-    if not all(math.isfinite(r.median_s) for r in rows):
+    if not all_finished(rows):
         console.print("a measurement did not finish")
         return 1
     return 0

@@ -23,8 +23,6 @@ Run ``python -m bench.snapshot [--device cpu|cuda] [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +30,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.common import Measurement, device_label, markdown_table, measure, percentile, ratio, synchronize
+from bench.common import (
+    Measurement,
+    all_finished,
+    device_label,
+    measure,
+    module_parser,
+    percentile,
+    print_report,
+    ratio,
+    synchronize,
+)
 from bench.health import gpt2_small_shapes
 from tolaria.snapshot.native import NativeSnapshotStore
 from tolaria.snapshot.reference import ReferenceSnapshotStore
@@ -203,22 +211,17 @@ def summary(rows: list[Measurement]) -> list[str]:
     return lines
 
 
+def baseline_of(scenario: str) -> str:
+    """The old way a snapshot or restore scenario is compared with."""
+    return SNAPSHOT_BASELINE if scenario.startswith("snapshot/") else RESTORE_BASELINE
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args(argv)
+    args = module_parser(__doc__).parse_args(argv)
     rows = run(args.device, args.quick)
-    print(f"# snapshot and restore on {device_label(args.device)} (torch {torch.__version__})\n")
-    baselines = {
-        r.scenario: SNAPSHOT_BASELINE if r.scenario.startswith("snapshot/") else RESTORE_BASELINE
-        for r in rows
-    }
-    print(markdown_table(rows, baselines=baselines))
-    print()
-    for line in summary(rows):
-        print(f"- {line}")
-    if not all(math.isfinite(row.median_s) for row in rows):
+    title = f"snapshot and restore on {device_label(args.device)} (torch {torch.__version__})"
+    print_report(title, rows, summary(rows), baseline_of)
+    if not all_finished(rows):
         raise SystemExit("a measurement did not finish")
 
 
