@@ -7,8 +7,11 @@ window by window so that drift (clocks, other load) hits them alike:
 * ``legacy``: the original Governor's approach (:mod:`bench.legacy_governor`): loss-only
   vital signs, a per-tensor ``isfinite`` loop over the parameters every step, and a pageable
   ``state_dict`` clone every K steps;
-* ``tolaria``: :class:`tolaria.TolariaGovernor` with the loss monitor and the fused health
-  check of parameters and gradients every step, and a snapshot every K steps.
+* ``tolaria``: :class:`tolaria.GuardedStep` with ``deferred=True``: every step the loss and the
+  fused health check of parameters and gradients are enqueued by ``governor.observe(loss)``
+  and judged when their events have landed (no host sync on a healthy step), with a snapshot
+  every K steps. ``_Loop(..., deferred=False)`` runs the blocking checks instead, for a side by
+  side of the two paths.
 
 A window is K steps, so each contains exactly one snapshot. Overhead = window time / the
 unguarded window time − 1. The rollback scenario times ``execute_rollback()`` against the
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from bench.common import Measurement, device_label, measure, percentile, synchronize
 from bench.legacy_governor import LegacyGovernor
-from tolaria import TolariaGovernor
+from tolaria import GuardedStep, TolariaGovernor
 from tolaria.morphogenesis.hosts import GPT2_SMALL, TransformerConfig, TransformerHost
 
 SNAPSHOT_EVERY = 10
@@ -51,9 +54,18 @@ def setup_for(device: str, quick: bool) -> TrainingSetup:
 
 
 class _Loop:
-    """One model + optimizer + guard; ``window()`` runs K guarded steps."""
+    """One model + optimizer + guard; ``window()`` runs K guarded steps. ``deferred`` picks the
+    tolaria variant's checks: deferred (the default) or blocking."""
 
-    def __init__(self, variant: str, setup: TrainingSetup, device: str, batches: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        variant: str,
+        setup: TrainingSetup,
+        device: str,
+        batches: list[torch.Tensor],
+        *,
+        deferred: bool = True,
+    ) -> None:
         torch.manual_seed(0)
         self.variant = variant
         self.device = torch.device(device)
@@ -62,8 +74,14 @@ class _Loop:
         self.batches = batches
         self.cursor = 0
         self.legacy = LegacyGovernor(self.model) if variant == "legacy" else None
-        guarded = variant == "tolaria"
-        self.governor = TolariaGovernor(self.model, optimizer=self.optimizer) if guarded else None
+        self.guard: GuardedStep | None = None
+        if variant == "tolaria":
+            governor = TolariaGovernor(self.model, optimizer=self.optimizer)
+            # Its snapshot clock starts at the constructor's snapshot: one more every K steps,
+            # i.e. on the last step of every window.
+            self.guard = GuardedStep(
+                governor, self.optimizer, snapshot_every=SNAPSHOT_EVERY, deferred=deferred
+            )
         # bf16 autocast on CUDA, as a GPT-2 run would train; fp32 on CPU.
         self.autocast = self.device.type == "cuda"
 
@@ -75,23 +93,21 @@ class _Loop:
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
     def step(self, snapshot: bool) -> None:
+        if self.guard is not None:  # snapshots on its own clock, every K steps
+            outcome = self.guard(self._loss)
+            if outcome.rolled_back:
+                raise RuntimeError(f"tolaria rolled back during the benchmark ({outcome.panic_reason})")
+            return
         loss = self._loss()
         if self.legacy is not None and self.legacy.check_vital_signs(loss):
             raise RuntimeError("legacy governor panicked during the benchmark")
-        if self.governor is not None and self.governor.check_vital_signs(loss):
-            raise RuntimeError("tolaria panicked during the benchmark")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.legacy is not None and not self.legacy.parameters_finite():
             raise RuntimeError("legacy governor found non-finite parameters")
-        if self.governor is not None and self.governor.check_health():
-            raise RuntimeError("tolaria found sick weights or gradients during the benchmark")
         self.optimizer.step()
-        if snapshot:
-            if self.legacy is not None:
-                self.legacy.snapshot()
-            if self.governor is not None:
-                self.governor.snapshot()
+        if snapshot and self.legacy is not None:
+            self.legacy.snapshot()
 
     def window(self) -> None:
         for index in range(SNAPSHOT_EVERY):

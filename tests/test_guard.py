@@ -153,3 +153,49 @@ def test_closure_must_return_a_one_element_loss() -> None:
     rig = Rig()
     with pytest.raises(TypeError, match="one-element loss"):
         rig.guard(lambda: torch.ones(3, requires_grad=True))
+
+
+def test_no_snapshot_while_a_gradient_norm_streak_is_building() -> None:
+    rig = Rig(snapshot_every=1)
+    for _ in range(12):  # fill the gradient-norm history past the 10 samples the statistics need
+        assert rig.step().snapshot is not None
+    rig.optimizer.param_groups[0]["lr"] = 0.0  # the exploding gradients must not move the weights
+
+    def exploding() -> torch.Tensor:
+        loss = nn.functional.mse_loss(rig.model(rig.inputs), rig.targets)
+        loss.register_hook(lambda grad: grad * 1e4)  # gradients x1e4, the loss value unchanged
+        return loss
+
+    spike = rig.guard(exploding)
+    assert spike.healthy and spike.stepped and spike.snapshot is None
+    assert spike.anomaly_streak == 1 and rig.governor.consecutive_panics == 0
+    calm = rig.step()
+    assert calm.anomaly_streak == 0 and calm.snapshot is not None
+
+
+def test_blocking_panics_are_reported_at_their_own_step() -> None:
+    rig = Rig()
+    rig.step()
+    outcome = rig.step(poison=True)
+    assert outcome.rolled_back and outcome.panic_step == outcome.step == 1
+    assert outcome.report is not None and outcome.report.panic_step is None  # no deferred verdict
+    assert rig.step().panic_step is None
+
+
+def test_deferred_steps_on_cpu_carry_the_loss_and_judge_at_once() -> None:
+    rig = Rig()
+    rig.guard = GuardedStep(rig.governor, rig.optimizer, snapshot_every=3, deferred=True)
+    healthy = rig.step()
+    assert healthy.healthy and healthy.stepped and math.isfinite(healthy.loss)
+    assert list(rig.governor.loss_history) == [healthy.loss]  # judged by observe(), same monitor
+    outcome = rig.step(scale=math.nan)
+    assert outcome.rolled_back and (outcome.step, outcome.panic_step) == (1, 1)
+    assert outcome.panic_reason == "governor_nan" and math.isnan(outcome.loss)
+    assert all(p.grad is None for p in rig.model.parameters())
+
+
+def test_rejects_a_non_bool_deferred() -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="deferred"):
+        GuardedStep(TolariaGovernor(model, optimizer=optimizer), optimizer, deferred=1)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@
 
 * **detect** — ``check_vital_signs(loss)`` watches the loss (NaN/Inf, a lobotomy back to the
   random-guess loss, statistical divergence) and ``check_health()`` watches the weights and
-  gradients (non-finite values, gradient-norm explosions);
+  gradients (non-finite values, gradient-norm explosions), deciding before they return;
+  ``observe(loss)`` enqueues both without a host sync and judges them as they land (:mod:`tolaria.deferred`);
 * **restore** — ``execute_rollback()`` writes the Last Known Good (LKG) state back into the
   model, bit-exact and in place, together with the optimizer's state, and prunes experimental
   seeds that may have caused the failure;
@@ -19,7 +20,6 @@ patch ``tolaria.governor.get_hub``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tolaria import health
+from tolaria import deferred, health
 from tolaria import telemetry as tm
 from tolaria.constants import (
     DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
@@ -43,7 +43,7 @@ from tolaria.constants import (
 from tolaria.distributed import make_decisions
 from tolaria.snapshot import Resolution, contents, make_store
 from tolaria.snapshot import store as snap
-from tolaria.snapshot.contents import SEED_SLOTS_PREFIX, SnapshotInfo
+from tolaria.snapshot.contents import SnapshotInfo, device_of
 from tolaria.telemetry import get_hub
 from tolaria.vitals import Panic, Watch, check_number
 
@@ -64,7 +64,8 @@ class GovernorReport:
     the GOVERNOR_ROLLBACK telemetry payload carries the count at the panic. ``missing_keys`` /
     ``unexpected_keys`` are state-dict keys with no saved value / no live tensor (only keys
     under ``seed_slots.`` can appear here: others raise). ``optimizer_state`` is "restored",
-    "cleared" or "untouched".
+    "cleared" or "untouched". ``panic_step`` is the label of the observed step whose deferred
+    verdict panicked (see :meth:`TolariaGovernor.observe`), None after a blocking check.
     """
 
     reason: str
@@ -78,22 +79,7 @@ class GovernorReport:
     unexpected_keys: tuple[str, ...] = ()
     pruned_slots: tuple[str, ...] = ()
     optimizer_state: str = "untouched"
-
-
-def _emit(event_type: tm.TelemetryEventType, severity: tm.Severity, message: str, data: Any) -> None:
-    # get_hub is resolved from this module's globals at call time, so patching it works.
-    get_hub().emit(tm.TelemetryEvent(event_type, severity, message, data))
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _check_optimizer(optimizer: object) -> None:
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    panic_step: int | None = None
 
 
 class _WatchSetting:
@@ -120,6 +106,9 @@ class TolariaGovernor:
     ``process_group`` (None: never a collective; "auto": the default group when
     torch.distributed is initialized; or a ProcessGroup, whose timeout bounds every agreement).
     With a group, every decision is agreed by all ranks (see :mod:`tolaria.distributed`).
+    Settable attributes beyond the original's: ``grad_norm_multiplier`` (the "m·mean" of the
+    gradient-norm explosion test, default 10) and ``max_pending_steps`` (how many observed
+    steps' verdicts :meth:`observe` lets lag behind, default 2).
 
     Raises TypeError/ValueError naming the argument for bad input (e.g. ``history_window < 10``)
     and RuntimeError when ``snapshot_backend="native"`` is unavailable. The constructor takes
@@ -130,6 +119,7 @@ class TolariaGovernor:
     multiplier = _WatchSetting()
     absolute_threshold = _WatchSetting()
     min_panics_before_rollback = _WatchSetting()
+    grad_norm_multiplier = _WatchSetting()
 
     def __init__(
         self,
@@ -159,18 +149,16 @@ class TolariaGovernor:
         self.model = model
         self.death_penalty = check_number("death_penalty", death_penalty)
         self._watch = Watch(
-            sensitivity=sensitivity,
-            multiplier=multiplier,
-            absolute_threshold=absolute_threshold,
-            history_window=history_window,
-            min_panics_before_rollback=min_panics_before_rollback,
+            sensitivity=sensitivity, multiplier=multiplier, absolute_threshold=absolute_threshold,
+            history_window=history_window, min_panics_before_rollback=min_panics_before_rollback,
             random_guess_loss=random_guess_loss,
-        )
+        )  # fmt: skip
+        self._verdicts = deferred.VerdictQueue(self._watch, self._decide)
         self.check_parameters = check_parameters
         self.check_gradients = check_gradients
         self.health_backend = health_backend
         self._group = make_decisions(process_group)
-        self._store = make_store(snapshot_backend, device=_device_of(model), health_backend=health_backend)
+        self._store = make_store(snapshot_backend, device=device_of(model), health_backend=health_backend)
         self._pending_info: SnapshotInfo | None = None
         self._lkg_cache: tuple[object, dict[str, torch.Tensor]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -196,6 +184,34 @@ class TolariaGovernor:
         self._watch.loss.consecutive_panics = value
 
     @property
+    def anomaly_streak(self) -> int:
+        """Consecutive anomalies of the loss or gradient-norm monitor, as of the verdicts judged."""
+        return self._watch.anomaly_streak
+
+    @property
+    def pending_panic(self) -> Panic | None:
+        """The panic awaiting :meth:`execute_rollback` (``.step``: a deferred verdict's step)."""
+        return self._watch.pending
+
+    @property
+    def pending_verdicts(self) -> int:
+        """Observed steps whose verdicts are not in yet (<= ``max_pending_steps`` after observe())."""
+        return len(self._verdicts)
+
+    @property
+    def max_pending_steps(self) -> int:
+        return self._verdicts.max_pending
+
+    @max_pending_steps.setter
+    def max_pending_steps(self, value: int) -> None:
+        self._verdicts.max_pending = deferred.check_max_pending(value)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether decisions are agreed with a process group (then :meth:`observe` is refused)."""
+        return self._group.distributed
+
+    @property
     def snapshot_backend(self) -> str:
         return self._store.backend
 
@@ -203,8 +219,9 @@ class TolariaGovernor:
     def last_good_state(self) -> dict[str, torch.Tensor] | None:
         """The committed LKG: state-dict key → CPU tensor (no grad; pinned for CUDA models), or
         None before the first commit. Resolves an in-flight capture first. A new dict per
-        commit; its tensors are read-only views, valid at least until the next commit."""
-        self._resolve()
+        commit; its tensors are read-only views, valid at least until the next commit. Drains
+        the deferred verdicts first (waiting for them), so a gated capture is decided."""
+        self._resolve(drain=True)
         source = self._store.last_good_state
         if source is None:
             return None
@@ -222,8 +239,12 @@ class TolariaGovernor:
         group it is always resolved before returning, on every device, and committed only if
         every rank's capture is healthy (a collective). Raises RuntimeError when called inside a
         non-default CUDA stream: the capture could not be ordered after that stream's writes.
+
+        After :meth:`observe` was used, the capture commits only once the verdicts of every step
+        observed before it are in, none panicked and no anomaly streak runs (:mod:`tolaria.deferred`);
+        on CPU that is decided here unless a verdict is still out (``committed`` is then None).
         """
-        snap.require_default_stream(_device_of(self.model), "TolariaGovernor.snapshot()")
+        snap.require_default_stream(device_of(self.model), "TolariaGovernor.snapshot()")
         start = time.perf_counter()
         self._resolve()
         try:
@@ -237,22 +258,23 @@ class TolariaGovernor:
             keys, capture.excluded, ticket.nbytes, self._store.backend, time.perf_counter() - start, None
         )
         self._pending_info = info
-        if ticket.in_flight and not self._group.distributed:
+        gate = self._verdicts.open_gate()
+        if (ticket.in_flight and not self._group.distributed) or (gate is not None and gate.ok is None):
             return info
         resolution = self._resolve()
         committed = resolution.committed if resolution is not None else None
         first_bad = resolution.first_bad if resolution is not None else None
         return replace(info, seconds=time.perf_counter() - start, committed=committed, first_bad=first_bad)
 
-    def _resolve(self) -> Resolution | None:
-        """Resolve the store's pending capture (agreed by the group, if any) and report it
-        (snapshot event; alert if sick)."""
-        resolution = self._group.resolve(self._store)
+    def _resolve(self, *, drain: bool = False) -> Resolution | None:
+        """Resolve the pending capture (agreed by the group; behind its gate in deferred mode,
+        ``drain``: after every verdict) and report it (snapshot event; alert if sick)."""
+        resolution, withheld = self._verdicts.settle(self._store, self._group.resolve, drain=drain)
         info, self._pending_info = self._pending_info, None
         if resolution is None or info is None:
             return resolution
         events = contents.snapshot_events(
-            info, resolution, str(_device_of(self.model)), self._group.veto_ranks, self._group.ranked
+            info, resolution, str(device_of(self.model)), self._group.veto_ranks, self._group.ranked, withheld
         )
         for event in events:
             get_hub().emit(event)  # looked up at call time, so patching get_hub works
@@ -265,6 +287,8 @@ class TolariaGovernor:
         Accepts a Python number or a one-element tensor on any device; raises TypeError naming
         the type otherwise.
         """
+        if self._verdicts.catch_up():
+            return True
         return self._decide(lambda: self._watch.observe_loss(loss), "check_vital_signs")
 
     def check_health(self) -> bool:
@@ -275,35 +299,50 @@ class TolariaGovernor:
         history ``min_panics_before_rollback`` times in a row panics as ``governor_grad_explosion``.
         One health call covers parameters and gradients together.
         """
+        if self._verdicts.catch_up():
+            return True
         return self._decide(self._observe_tensors, "check_health")
 
-    def _observe_tensors(self) -> Panic | None:
+    def observe(self, loss: object, *, step: int | None = None) -> bool:
+        """Deferred check of one step, after backward and before the optimizer step: enqueue the
+        loss and weights/gradients checks with no host read, then judge earlier steps' verdicts
+        that have landed, in step order, through the blocking checks' monitors. True means a
+        panic (of this or an earlier step: ``pending_panic.step``) awaits :meth:`execute_rollback`.
+
+        ``loss``: a one-element real tensor or a number; ``step``: this step's label for reports
+        (default: a running count). At most ``max_pending_steps`` steps stay unjudged (beyond,
+        this waits for the oldest); captures meanwhile follow :mod:`tolaria.deferred`'s safety
+        rule. Raises TypeError for a bad ``loss``/``step`` (nothing is enqueued), and
+        NotImplementedError with a process group (not supported yet: use the blocking checks).
+        """
+        pairs, n_params = self._health_pairs()
+        self._verdicts.push(step, loss, pairs, n_params, self.health_backend, distributed=self.distributed)
+        return self._watch.pending is not None
+
+    def _health_pairs(self) -> tuple[list[tuple[str, torch.Tensor]], int]:
+        """What ``check_health`` inspects: the parameters (when checked), then the gradients."""
         params = list(self.model.named_parameters())
         pairs: list[tuple[str, torch.Tensor]] = list(params) if self.check_parameters else []
         n_params = len(pairs)
         if self.check_gradients:
             pairs += [(f"{name}.grad", p.grad) for name, p in params if p.grad is not None]
-        if not pairs:
-            return None
-        return self._watch.observe_tensors(health.check_tensors(pairs, backend=self.health_backend), n_params)
+        return pairs, n_params
 
-    def _decide(self, observe: Callable[[], Panic | None], check: str) -> bool:
-        """This rank's verdict, agreed with the group when there is one; announce a panic."""
+    def _observe_tensors(self) -> Panic | None:
+        pairs, n_params = self._health_pairs()
+        report = health.check_tensors(pairs, backend=self.health_backend) if pairs else None
+        return None if report is None else self._watch.observe_tensors(report, n_params)
+
+    def _decide(self, observe: Callable[[], Panic | None], check: str, step: int | None = None) -> bool:
+        """This rank's verdict, agreed with the group when there is one; announce a panic.
+        ``step`` labels a deferred verdict's step; it travels with the panic."""
         panic = self._group.decide(self._watch, observe, check)
         if panic is None:
             return False
-        sick = f" (first sick tensor: {panic.first_bad})" if panic.first_bad else ""
-        ranks = self._group.fault_ranks
-        seen = f" (seen by rank(s) {list(ranks)})" if ranks else ""
-        _emit(
-            tm.TelemetryEventType.GOVERNOR_PANIC,
-            tm.Severity.ERROR,
-            f"panic: {panic.reason}{sick}{seen}",
-            self._group.ranked(tm.GovernorPanicPayload(
-                panic.reason, str(_device_of(self.model)), panic.loss, panic.threshold, panic.consecutive,
-                panic.first_bad, panic.grad_norm,
-            ), ranks),
-        )  # fmt: skip
+        if step is not None:
+            panic = self._watch.pending = replace(panic, step=step)
+        device = str(device_of(self.model))
+        get_hub().emit(contents.panic_event(panic, device, self._group.fault_ranks, self._group.ranked))
         return True
 
     # -- restore -------------------------------------------------------------------------------
@@ -312,7 +351,9 @@ class TolariaGovernor:
     ) -> GovernorReport:
         """Restore the LKG into the model (and the optimizer), prune live seeds, report.
 
-        Order: resolve an in-flight capture; restore the host and fossilized seeds in place;
+        Order: consume every deferred verdict still out (waiting for it) and resolve an
+        in-flight capture behind its gate, so a capture taken after a sick step is discarded and
+        the previous committed LKG comes back; restore the host and fossilized seeds in place;
         restore the optimizer state captured with the LKG (``optimizer`` defaults to the one
         the Governor knows; one without captured state is cleared entirely, and becomes known
         for later snapshots); prune every live seed (failures are logged, not raised); emit
@@ -330,8 +371,8 @@ class TolariaGovernor:
         return self._group.run_rollback(lambda: self._rollback(env_id, optimizer))
 
     def _rollback(self, env_id: int, optimizer: torch.optim.Optimizer | None) -> GovernorReport:
-        _check_optimizer(optimizer)
-        self._resolve()
+        contents.check_optimizer(optimizer)
+        self._resolve(drain=True)
         saved, meta = self._store.last_good_state, self._store.lkg_meta
         if saved is None or not isinstance(meta, contents.CaptureMeta):
             raise RuntimeError("no Last Known Good snapshot to roll back to (no snapshot was ever committed)")
@@ -342,32 +383,21 @@ class TolariaGovernor:
         missing, unexpected = contents.key_drift(self.model, meta)
         panic, panicked = self._watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
         panic_reason = panic.reason if panicked else None
-        ranks = self._group.fault_ranks
-        seen = f", seen by rank(s) {list(ranks)}" if ranks else ""
-        _emit(
-            tm.TelemetryEventType.GOVERNOR_ROLLBACK,
-            tm.Severity.WARNING,
-            f"rolled back to the last known good state ({panic.reason}{seen})",
-            self._group.ranked(tm.GovernorRollbackPayload(
-                env_id, str(_device_of(self.model)), panic.reason, panic.loss, panic.threshold,
-                max(panic.consecutive, self.consecutive_panics), panic_reason, missing, unexpected,
-            ), ranks),
+        payload = tm.GovernorRollbackPayload(
+            env_id, str(device_of(self.model)), panic.reason, panic.loss, panic.threshold,
+            max(panic.consecutive, self.consecutive_panics), panic_reason, missing, unexpected,
         )  # fmt: skip
-        drift_missing = [k for k in missing if not k.startswith(SEED_SLOTS_PREFIX)]
-        drift_unexpected = [k for k in unexpected if not k.startswith(SEED_SLOTS_PREFIX)]
-        if drift_missing or drift_unexpected:
-            raise RuntimeError(
-                f"architecture drift: keys outside {SEED_SLOTS_PREFIX!r} are missing {drift_missing} or "
-                f"unexpected {drift_unexpected}; matching weights were restored and the LKG is kept"
-            )
+        # get_hub is resolved from this module's globals at call time, so patching it works.
+        get_hub().emit(contents.rollback_event(payload, self._group.fault_ranks, self._group.ranked))
+        contents.raise_on_drift(missing, unexpected)
         self._watch.clear_panic()
         return GovernorReport(
             panic.reason, panic.loss, panic.threshold, 0, True, panic_reason, env_id, missing, unexpected,
-            pruned, optimizer_state,
+            pruned, optimizer_state, panic.step if panicked else None,
         )  # fmt: skip
 
     def _set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        _check_optimizer(optimizer)
+        contents.check_optimizer(optimizer)
         if optimizer is self.optimizer:
             return
         if self._hook_handle is not None:
@@ -383,8 +413,10 @@ class TolariaGovernor:
         return -self.death_penalty
 
     def reset(self) -> None:
-        """Start a new episode: clear the loss and gradient histories and any pending panic,
-        then take a fresh snapshot of the model as it is now."""
+        """Start a new episode: judge the deferred verdicts still out (waiting for them) and
+        resolve an in-flight capture, clear the loss and gradient histories and any pending
+        panic, then take a fresh snapshot of the model as it is now."""
+        self._resolve(drain=True)
         self._watch.reset()
         self.snapshot()
 

@@ -15,8 +15,18 @@ One call is one attempt at an optimizer step, in this order:
 2. ``check_vital_signs(loss)`` — a panic rolls back at once: no backward, no step;
 3. ``loss.backward()``, then ``check_health()`` (weights and gradients) — a panic rolls back, no step;
 4. when due, ``snapshot()`` — after ``snapshot_every`` healthy steps since the last snapshot or
-   rollback, and never while a divergence streak is building (``consecutive_panics > 0``);
+   rollback, and never while an anomaly streak of the loss or the gradient norm is building
+   (``governor.anomaly_streak > 0``);
 5. ``optimizer.step()``.
+
+With ``deferred=True`` steps 2 and 3 become one ``governor.observe(loss)`` after backward: the
+checks are enqueued with no host sync, and a step's verdict is judged up to
+``governor.max_pending_steps`` steps later (at once on CPU). A late panic rolls back at the step
+that found it (``StepOutcome.step``) and names the step whose checks were sick
+(``StepOutcome.panic_step``); the optimizer steps taken in between are undone by the rollback,
+and a snapshot taken in between is never committed (see :mod:`tolaria.deferred`). Opt-in: a
+deferred :class:`StepOutcome` has no loss float on CUDA (reading it would be the sync this mode
+avoids), panics arrive late, and process groups are not supported yet.
 
 The snapshot comes *before* the optimizer step on purpose: at that point the weights have just
 produced a healthy loss and healthy gradients, so the Last Known Good is always a state some check
@@ -30,6 +40,7 @@ when ``outcome.rolled_back`` is true. Only the Governor's public API is used her
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,16 +56,20 @@ class StepOutcome:
 
     Attributes:
         step: index of the call (0-based); rolled-back attempts count too.
-        loss: the closure's loss as a float, exactly as seen (NaN/Inf included).
+        loss: the closure's loss as a float, exactly as seen (NaN/Inf included); NaN in deferred
+            mode for a CUDA loss unless ``synchronize`` is on (no host read there).
         grad_norm: global L2 norm of the gradients after backward, when ``track_grad_norm`` is on
             and backward ran; None otherwise.
         panic_reason: the Governor's panic reason (``governor_nan``, ``governor_lobotomy``, ...),
             None for a healthy step.
+        panic_step: the step whose checks found the fault: ``step`` itself in blocking mode, an
+            earlier step when a deferred verdict arrived late; None for a healthy step.
         report: the rollback's :class:`GovernorReport`, None when there was no rollback.
         snapshot: the snapshot taken during this step, None when none was due.
         stepped: whether ``optimizer.step()`` ran.
-        anomaly_streak: ``governor.consecutive_panics`` after the checks: > 0 while a divergence
-            streak is building (such steps still step the optimizer but never snapshot).
+        anomaly_streak: ``governor.anomaly_streak`` after the checks: > 0 while a loss divergence
+            or a gradient-norm explosion streak is building (such steps still step the optimizer
+            but never snapshot).
         check_seconds, snapshot_seconds, rollback_seconds: host time inside the Governor's
             checks, ``snapshot()`` and ``execute_rollback()``.
         step_seconds: host time of the whole call (forward, backward, step and Governor).
@@ -72,6 +87,7 @@ class StepOutcome:
     snapshot_seconds: float
     rollback_seconds: float
     step_seconds: float
+    panic_step: int | None = None
 
     @property
     def rolled_back(self) -> bool:
@@ -103,10 +119,15 @@ class GuardedStep:
         synchronize: on CUDA, synchronize the device before reading each timer, so the seconds in
             :class:`StepOutcome` measure device work, not just kernel launches (costs the overlap).
         env_id: passed to ``execute_rollback`` (identifies the environment in telemetry).
+        deferred: judge each step with ``governor.observe(loss)`` instead of the blocking
+            checks (see the module docstring). Default False, also on CUDA, for now: the
+            blocking outcome (a loss float, a panic at the step it happens) is what existing
+            callers read, and the gain is yet to be measured on a GPU.
 
     Raises:
-        TypeError: ``governor`` or ``optimizer`` has the wrong type.
+        TypeError: ``governor``, ``optimizer`` or ``deferred`` has the wrong type.
         ValueError: ``snapshot_every < 1``, or the governor does not know ``optimizer``.
+        NotImplementedError: ``deferred=True`` with a governor that has a process group.
     """
 
     def __init__(
@@ -118,6 +139,7 @@ class GuardedStep:
         track_grad_norm: bool = False,
         synchronize: bool = False,
         env_id: int = 0,
+        deferred: bool = False,
     ) -> None:
         if not isinstance(governor, TolariaGovernor):
             raise TypeError(f"governor must be a TolariaGovernor, got {type(governor).__name__}")
@@ -132,11 +154,19 @@ class GuardedStep:
                 "TolariaGovernor(model, optimizer=optimizer) so the optimizer's state is captured "
                 "and restored together with the model"
             )
+        if not isinstance(deferred, bool):
+            raise TypeError(f"deferred must be True or False, got {type(deferred).__name__}")
+        if deferred and governor.distributed:
+            raise NotImplementedError(
+                "GuardedStep(deferred=True) is not supported with a process group yet; "
+                "use deferred=False, whose checks every rank agrees on"
+            )
         self.governor = governor
         self.optimizer = optimizer
         self.snapshot_every = snapshot_every
         self.track_grad_norm = track_grad_norm
         self.env_id = env_id
+        self.deferred = deferred
         self.steps_taken = 0
         self._healthy_since_snapshot = 0
         self._sync = synchronize and any(p.is_cuda for p in governor.model.parameters())
@@ -168,6 +198,8 @@ class GuardedStep:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise TypeError(f"the closure must return a one-element loss tensor, got {shape}")
+        if self.deferred:
+            return self._deferred_step(step, loss, start)
         # Read once here (the forward's device sync is the forward's cost, not the Governor's);
         # the Governor accepts the float.
         loss_value = float(loss.detach().reshape(()))
@@ -185,8 +217,27 @@ class GuardedStep:
         check += self._now() - mark
         if panicked:
             return self._roll_back(step, loss_value, grad_norm, start, check)
+        return self._finish(step, loss_value, grad_norm, start, check)
 
-        streak = self.governor.consecutive_panics
+    def _deferred_step(self, step: int, loss: torch.Tensor, start: float) -> StepOutcome:
+        # Backward runs before the loss is judged: the verdict comes later. A sick step's update
+        # is undone by the rollback that its verdict triggers.
+        free = not loss.is_cuda or self._sync  # reading the loss would not add a device sync
+        loss_value = float(loss.detach().reshape(())) if free else math.nan
+        loss.backward()
+        grad_norm = self._grad_norm() if self.track_grad_norm else None
+        mark = self._now()
+        panicked = self.governor.observe(loss, step=step)
+        check = self._now() - mark
+        if panicked:
+            return self._roll_back(step, loss_value, grad_norm, start, check)
+        return self._finish(step, loss_value, grad_norm, start, check)
+
+    def _finish(
+        self, step: int, loss: float, grad_norm: float | None, start: float, check: float
+    ) -> StepOutcome:
+        """The checks passed so far: snapshot when due, then step the optimizer."""
+        streak = self.governor.anomaly_streak
         snapshot, snapshot_seconds = None, 0.0
         if streak == 0:
             self._healthy_since_snapshot += 1
@@ -195,15 +246,19 @@ class GuardedStep:
                 snapshot = self.governor.snapshot()
                 snapshot_seconds = self._now() - mark
                 self._healthy_since_snapshot = 0
+                if self.governor.pending_panic is not None:
+                    # Resolving the previous capture judged a late verdict, and it panicked.
+                    return self._roll_back(step, loss, grad_norm, start, check, snapshot_seconds)
         self.optimizer.step()
         return StepOutcome(
-            step, loss_value, grad_norm, None, None, snapshot, True, streak,
+            step, loss, grad_norm, None, None, snapshot, True, streak,
             check, snapshot_seconds, 0.0, self._now() - start,
         )  # fmt: skip
 
     def _roll_back(
-        self, step: int, loss: float, grad_norm: float | None, start: float, check: float
-    ) -> StepOutcome:
+        self, step: int, loss: float, grad_norm: float | None, start: float, check: float,
+        snapshot_seconds: float = 0.0,
+    ) -> StepOutcome:  # fmt: skip
         # The pending panic's reason travels in the report; read it from there, not from internals.
         mark = self._now()
         report = self.governor.execute_rollback(env_id=self.env_id, optimizer=self.optimizer)
@@ -213,8 +268,10 @@ class GuardedStep:
         # The model now IS the Last Known Good: count healthy steps from here.
         self._healthy_since_snapshot = 0
         reason = report.panic_reason or report.reason
+        panic_step = report.panic_step if report.panic_step is not None else step
         return StepOutcome(
-            step, loss, grad_norm, reason, report, None, False, 0, check, 0.0, rollback, self._now() - start,
+            step, loss, grad_norm, reason, report, None, False, 0, check, snapshot_seconds, rollback,
+            self._now() - start, panic_step,
         )  # fmt: skip
 
 

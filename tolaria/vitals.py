@@ -12,7 +12,9 @@ Three failures are recognised, in this order (see DESIGN.md "Vital signs"):
    Anomalies are never added to the history, so a spike cannot drag the statistics up after it.
 
 :class:`SpikeDetector` is the window statistics plus the consecutive-anomaly rule, written once
-and shared: the loss monitor uses it, and so does the Governor's gradient-norm monitor.
+and shared: the loss monitor uses it, and so does the Governor's gradient-norm monitor, with its
+own multiplier (:data:`DEFAULT_GRAD_NORM_MULTIPLIER`) because healthy gradient norms swing far
+wider than healthy losses.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ REASON_GRAD_EXPLOSION = "governor_grad_explosion"
 LOBOTOMY_MEAN_FRACTION = 0.6
 #: ... and the new loss within this fraction of the random-guess loss.
 LOBOTOMY_TOLERANCE_FRACTION = 0.065
+#: The "m·mean" of the gradient-norm detector: an explosion must be an order of magnitude above
+#: the recent mean. Healthy Adam runs swing well past the loss multiplier (3): the fault-free
+#: tinystories demo was rolled back twice for runs of three norms at 3-8x the mean, each also
+#: past mean + 6·std of a calm history; the demo's real blow-ups measure ~240x and ~20000x.
+#: Adam bounds the per-coordinate update, so a short swing of a few x cannot do the damage a
+#: rollback is for.
+DEFAULT_GRAD_NORM_MULTIPLIER = 10.0
 
 
 def coerce_loss(loss: object) -> float:
@@ -55,15 +64,21 @@ def coerce_loss(loss: object) -> float:
     is rejected because a boolean "loss" is always a bug.
     """
     if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1 or loss.is_complex() or loss.dtype == torch.bool:
-            raise TypeError(
-                "loss must be a Python number or a one-element real tensor, got a tensor of "
-                f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
-            )
-        return float(loss.detach().reshape(()).item())
+        return float(check_loss_tensor(loss).item())
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"loss must be a Python number or a one-element tensor, got {type(loss).__name__}")
+
+
+def check_loss_tensor(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` detached as a 0-d tensor (no device read); TypeError unless it is a one-element
+    real tensor."""
+    if loss.numel() != 1 or loss.is_complex() or loss.dtype == torch.bool:
+        raise TypeError(
+            "loss must be a Python number or a one-element real tensor, got a tensor of "
+            f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
+        )
+    return loss.detach().reshape(())
 
 
 def check_number(name: str, value: object, *, minimum: float | None = None, integer: bool = False) -> float:
@@ -261,7 +276,8 @@ class LossMonitor:
 class Panic:
     """Why the Governor panicked. ``loss``/``threshold`` are NaN where they do not apply (a
     health panic has no loss); ``first_bad`` names the first sick tensor of a health panic;
-    ``grad_norm`` is the global gradient L2 norm of a gradient panic (NaN otherwise)."""
+    ``grad_norm`` is the global gradient L2 norm of a gradient panic (NaN otherwise); ``step``
+    labels the observed step whose deferred verdict panicked (None for a blocking check)."""
 
     reason: str
     loss: float
@@ -269,19 +285,22 @@ class Panic:
     consecutive: int
     first_bad: str | None = None
     grad_norm: float = math.nan
+    step: int | None = None
 
 
 class Watch:
     """All the Governor detects with: the loss monitor, a gradient-norm detector (its own
-    history, the same sensitivity/multiplier/consecutive rule, no absolute floor because norms
-    have no fixed scale), and the last panic, which waits for a rollback to report it."""
+    history, the same sensitivity and consecutive rule, its own ``grad_norm_multiplier``, no
+    absolute floor because norms have no fixed scale), and the last panic, which waits for a
+    rollback to report it."""
 
-    #: Run-time settings: name → (attribute of SpikeDetector, also applied to gradient norms).
+    #: Run-time settings: name → (attribute of SpikeDetector, monitors it applies to).
     SETTINGS = {
-        "sensitivity": ("sensitivity", True),
-        "multiplier": ("multiplier", True),
-        "absolute_threshold": ("absolute_threshold", False),
-        "min_panics_before_rollback": ("min_consecutive", True),
+        "sensitivity": ("sensitivity", ("loss", "grad")),
+        "multiplier": ("multiplier", ("loss",)),
+        "absolute_threshold": ("absolute_threshold", ("loss",)),
+        "min_panics_before_rollback": ("min_consecutive", ("loss", "grad")),
+        "grad_norm_multiplier": ("multiplier", ("grad",)),
     }
 
     def __init__(
@@ -293,6 +312,7 @@ class Watch:
         history_window: int = DEFAULT_GOVERNOR_HISTORY_WINDOW,
         min_panics_before_rollback: int = DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
         random_guess_loss: float | None = None,
+        grad_norm_multiplier: float = DEFAULT_GRAD_NORM_MULTIPLIER,
     ) -> None:
         self.loss = LossMonitor(
             sensitivity=sensitivity,
@@ -305,27 +325,35 @@ class Watch:
         self.grad_norms = SpikeDetector(
             history_window=history_window,
             sensitivity=sensitivity,
-            multiplier=multiplier,
+            multiplier=check_number("grad_norm_multiplier", grad_norm_multiplier, minimum=0.0),
             absolute_threshold=0.0,
             min_consecutive=min_panics_before_rollback,
         )
         self.pending: Panic | None = None
 
+    def _detectors(self, name: str) -> tuple[str, list[SpikeDetector]]:
+        attr, monitors = self.SETTINGS[name]
+        return attr, [self.loss.spikes if m == "loss" else self.grad_norms for m in monitors]
+
     def setting(self, name: str) -> float | int:
-        return getattr(self.loss.spikes, self.SETTINGS[name][0])  # type: ignore[no-any-return]
+        attr, detectors = self._detectors(name)
+        return getattr(detectors[0], attr)  # type: ignore[no-any-return]
 
     def configure(self, name: str, value: object) -> None:
         """Change one of ``SETTINGS`` at run time; validated like the constructor argument
         (TypeError/ValueError naming ``name``)."""
-        attr, shared = self.SETTINGS[name]
+        attr, detectors = self._detectors(name)
         integer = attr == "min_consecutive"
-        number = check_number(
-            name, value, minimum=1 if integer else (0.0 if attr == "sensitivity" else None), integer=integer
-        )
-        converted = int(number) if integer else number
-        setattr(self.loss.spikes, attr, converted)
-        if shared:
-            setattr(self.grad_norms, attr, converted)
+        low = 1 if integer else (0.0 if attr == "sensitivity" or name == "grad_norm_multiplier" else None)
+        number = check_number(name, value, minimum=low, integer=integer)
+        for detector in detectors:
+            setattr(detector, attr, int(number) if integer else number)
+
+    @property
+    def anomaly_streak(self) -> int:
+        """The longest running anomaly streak of any monitor (loss or gradient norm); > 0 while
+        one is building, 0 after a normal sample of each."""
+        return max(self.loss.consecutive_panics, self.grad_norms.consecutive)
 
     def observe_loss(self, loss: object) -> Panic | None:
         """Judge one loss (see :class:`LossMonitor`); a panic is also kept as ``pending``."""
@@ -392,12 +420,14 @@ __all__ = [
     "REASON_NAN",
     "REASON_NONFINITE_GRADS",
     "REASON_NONFINITE_PARAMS",
+    "DEFAULT_GRAD_NORM_MULTIPLIER",
     "LossMonitor",
     "SpikeDetector",
     "Panic",
     "SpikeVerdict",
     "VitalSigns",
     "Watch",
+    "check_loss_tensor",
     "check_number",
     "coerce_loss",
 ]

@@ -17,6 +17,7 @@ the Governor only decides when to capture and restore.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,19 @@ class CaptureContents:
     entries: list[tuple[str, torch.Tensor]]
     meta: CaptureMeta
     excluded: tuple[str, ...]
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def check_optimizer(optimizer: object) -> None:
+    """TypeError naming the type unless ``optimizer`` is a torch.optim.Optimizer or None."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
 def is_fossilized(slot: object) -> bool:
@@ -158,13 +172,17 @@ def snapshot_events(
     device: str,
     veto_ranks: tuple[int, ...],
     ranked: Callable[[tm.GovernorSnapshotPayload, tuple[int, ...]], tm.GovernorSnapshotPayload],
+    withheld: str = "",
 ) -> list[tm.TelemetryEvent]:
     """The events that report a resolved capture: one GOVERNOR_SNAPSHOT (committed, rejected as
-    sick, or vetoed by ``veto_ranks`` of a process group), plus a HEALTH_ALERT naming the sick
-    tensors when this capture itself was sick. ``ranked`` adds rank fields to the payload."""
+    sick, vetoed by ``veto_ranks`` of a process group, or discarded by the Governor because of
+    ``withheld``: a deferred verdict condemned it), plus a HEALTH_ALERT naming the sick tensors
+    when this capture itself was sick. ``ranked`` adds rank fields to the payload."""
     ok = resolution.committed
     if ok:
         message = "snapshot committed"
+    elif resolution.vetoed and withheld:
+        message = f"snapshot discarded: {withheld}"
     elif resolution.vetoed:
         message = f"snapshot vetoed by rank(s) {list(veto_ranks)}: their capture was not healthy"
     else:
@@ -189,6 +207,42 @@ def snapshot_events(
     return events
 
 
+def panic_event(panic: Any, device: str, ranks: tuple[int, ...], ranked: Callable[[Any, tuple[int, ...]], Any]
+                ) -> tm.TelemetryEvent:  # fmt: skip
+    """The GOVERNOR_PANIC event of a :class:`tolaria.vitals.Panic` (first sick tensor, the ranks
+    that saw it, and the observed step of a deferred verdict in the message)."""
+    sick = f" (first sick tensor: {panic.first_bad})" if panic.first_bad else ""
+    seen = f" (seen by rank(s) {list(ranks)})" if ranks else ""
+    late = f" (deferred verdict of step {panic.step})" if panic.step is not None else ""
+    payload = tm.GovernorPanicPayload(
+        panic.reason, device, panic.loss, panic.threshold, panic.consecutive, panic.first_bad, panic.grad_norm
+    )
+    message = f"panic: {panic.reason}{sick}{seen}{late}"
+    return tm.TelemetryEvent(tm.TelemetryEventType.GOVERNOR_PANIC, tm.Severity.ERROR, message,
+                             ranked(payload, ranks))  # fmt: skip
+
+
+def rollback_event(payload: tm.GovernorRollbackPayload, ranks: tuple[int, ...],
+                   ranked: Callable[[Any, tuple[int, ...]], Any]) -> tm.TelemetryEvent:  # fmt: skip
+    """The one GOVERNOR_ROLLBACK event of a rollback (the ranks that saw the panic, if any)."""
+    seen = f", seen by rank(s) {list(ranks)}" if ranks else ""
+    message = f"rolled back to the last known good state ({payload.reason}{seen})"
+    return tm.TelemetryEvent(tm.TelemetryEventType.GOVERNOR_ROLLBACK, tm.Severity.WARNING, message,
+                             ranked(payload, ranks))  # fmt: skip
+
+
+def raise_on_drift(missing: tuple[str, ...], unexpected: tuple[str, ...]) -> None:
+    """RuntimeError when keys outside ``seed_slots.`` are missing or unexpected: architecture
+    drift must not pass silently (seed keys come and go with pruning and are fine)."""
+    drift_missing = [k for k in missing if not k.startswith(SEED_SLOTS_PREFIX)]
+    drift_unexpected = [k for k in unexpected if not k.startswith(SEED_SLOTS_PREFIX)]
+    if drift_missing or drift_unexpected:
+        raise RuntimeError(
+            f"architecture drift: keys outside {SEED_SLOTS_PREFIX!r} are missing {drift_missing} or "
+            f"unexpected {drift_unexpected}; matching weights were restored and the LKG is kept"
+        )
+
+
 def prune_live_seeds(model: nn.Module, log: logging.Logger) -> tuple[str, ...]:
     """Prune every live (present, staged, not fossilized) seed with ``initiator="governor"``;
     returns the pruned slot ids. A failing prune is logged through ``log`` and skipped, never
@@ -211,11 +265,16 @@ __all__ = [
     "CaptureMeta",
     "SnapshotInfo",
     "capture_contents",
+    "check_optimizer",
+    "device_of",
     "is_fossilized",
     "key_drift",
     "model_entries",
     "order_steps_after_captures",
+    "panic_event",
     "prune_live_seeds",
+    "raise_on_drift",
+    "rollback_event",
     "snapshot_events",
     "restore_contents",
 ]
