@@ -6,6 +6,7 @@ from typing import cast
 
 import pytest
 import torch
+from seed_models import advance_to, cnn_slot, tiny_cnn_model, tiny_lm_model
 
 from tolaria.constants import DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE
 from tolaria.morphogenesis import (
@@ -13,11 +14,9 @@ from tolaria.morphogenesis import (
     SEED_BEARING_STAGES,
     VALID_TRANSITIONS,
     CNNHost,
-    MorphogeneticModel,
     SeedSlot,
     SeedStage,
     SeedState,
-    TransformerHost,
     available_blueprints,
     check_transition,
     create_seed,
@@ -43,31 +42,6 @@ EXPECTED_EDGES = {
 }
 CNN_BLUEPRINTS = ["conv_light", "conv_heavy"]
 TRANSFORMER_BLUEPRINTS = ["attention", "mlp", "lora"]
-
-
-def cnn_slot(**kwargs: object) -> SeedSlot:
-    return SeedSlot("r0c0", 8, "cnn", **kwargs)  # type: ignore[arg-type]
-
-
-def tiny_cnn_model(**kwargs: object) -> MorphogeneticModel:
-    torch.manual_seed(0)
-    model = MorphogeneticModel(CNNHost(widths=(8, 16, 16)), slots=["r0c0", "r0c1", "r0c2"], **kwargs)  # type: ignore[arg-type]
-    with torch.no_grad():
-        # A trained-looking head, so outputs depend strongly on the features seeds touch.
-        cast(CNNHost, model.host).head.weight.normal_()
-    return model
-
-
-def tiny_lm_model() -> MorphogeneticModel:
-    torch.manual_seed(0)
-    host = TransformerHost(vocab_size=97, context_length=16, d_model=16, n_layers=2, n_heads=2)
-    return MorphogeneticModel(host, slots=["r0c0", "r0c1"])
-
-
-def advance_to(slot: SeedSlot, target: SeedStage) -> None:
-    order = [S.GERMINATED, S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED]
-    while slot.stage != target:
-        slot.advance_stage(order[order.index(slot.stage) + 1])
 
 
 # --------------------------------------------------------------------- stages

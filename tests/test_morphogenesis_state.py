@@ -5,50 +5,23 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import cast
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seed_models import advance_to, cnn_slot, tiny_cnn_model, tiny_lm_model
 
 from tolaria.morphogenesis import (
     SEED_BEARING_STAGES,
-    CNNHost,
     MorphogeneticModel,
     SeedSlot,
     SeedStage,
     SeedState,
-    TransformerHost,
     decode_extra_state,
 )
 
 S = SeedStage
-
-
-def cnn_slot(**kwargs: object) -> SeedSlot:
-    return SeedSlot("r0c0", 8, "cnn", **kwargs)  # type: ignore[arg-type]
-
-
-def tiny_cnn_model() -> MorphogeneticModel:
-    torch.manual_seed(0)
-    model = MorphogeneticModel(CNNHost(widths=(8, 16, 16)), slots=["r0c0", "r0c1", "r0c2"])
-    with torch.no_grad():
-        # A trained-looking head, so outputs depend strongly on the features seeds touch.
-        cast(CNNHost, model.host).head.weight.normal_()
-    return model
-
-
-def tiny_lm_model() -> MorphogeneticModel:
-    torch.manual_seed(0)
-    host = TransformerHost(vocab_size=97, context_length=16, d_model=16, n_layers=2, n_heads=2)
-    return MorphogeneticModel(host, slots=["r0c0", "r0c1"])
-
-
-def advance_to(slot: SeedSlot, target: SeedStage) -> None:
-    order = [S.GERMINATED, S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED]
-    while slot.stage != target:
-        slot.advance_stage(order[order.index(slot.stage) + 1])
 
 
 def slot_keys(model: MorphogeneticModel) -> list[str]:
