@@ -196,6 +196,35 @@ def test_layout_change_rebuilds_the_arena_and_restore_reports_key_drift() -> Non
         store.restore({"a": torch.zeros(4)})
 
 
+def test_same_objects_skip_the_full_signature_but_data_swaps_are_caught() -> None:
+    weight = nn.Parameter(_random((6,), torch.float32))
+    bias = nn.Parameter(_random((3,), torch.float32, 1))
+    store = NativeSnapshotStore()
+    assert store.capture({"w": weight, "b": bias}).rebuilt
+    store.resolve()
+    with torch.no_grad():
+        weight.add_(1.0)  # values change, structure does not
+    assert not store.capture({"w": weight, "b": bias}).rebuilt
+    store.resolve()
+    assert torch.equal(store.last_good_state["w"], weight.detach())
+
+    weight.data = _random((8,), torch.float32, 2)  # same Parameter object, new size and address
+    assert store.capture({"w": weight, "b": bias}).rebuilt
+    store.resolve()
+    assert store.last_good_state["w"].shape == (8,)
+    assert torch.equal(store.last_good_state["w"], weight.detach())
+
+    weight.data = weight.data.to(torch.float64)  # same object, new dtype
+    assert store.capture({"w": weight, "b": bias}).rebuilt
+    store.resolve()
+    assert store.last_good_state["w"].dtype == torch.float64
+
+    bias.data = bias.data.repeat(2)[::2]  # same object, same size, now strided: copied safely
+    assert store.capture({"w": weight, "b": bias}).rebuilt
+    store.resolve()
+    assert torch.equal(store.last_good_state["b"], bias.detach())
+
+
 def test_a_sick_capture_is_not_committed() -> None:
     state = {"w": _random((64,), torch.float32), "h": _random((8,), torch.bfloat16), "n": torch.arange(3)}
     store = NativeSnapshotStore()

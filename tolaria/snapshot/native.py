@@ -139,17 +139,20 @@ class NativeSnapshotStore(BufferedStore):
 
     # -- capture -------------------------------------------------------------------------------
     def capture(self, named_tensors: NamedTensors, *, meta: object = None) -> CaptureTicket:
-        keys, tensors, signature = self._read(named_tensors)
+        keys, tensors = self._read(named_tensors)
         if self._pending is not None:
             self.resolve()
         plan, rebuilt = self._plan, False
-        if plan is None or plan.signature != signature or not plan.ties_hold(tensors):
-            items = list(zip(keys, tensors, strict=True))
-            normalize_named_tensors(items)  # a new structure is validated in full, once
-            plan = self._plan = ArenaPlan(
-                items, signature, self._native, alignment=self.alignment, chunk_bytes=self.chunk_bytes
-            )
-            rebuilt = True
+        if plan is None or not plan.recognises(keys, tensors) or not plan.ties_hold(tensors):
+            signature = self._signature(keys, tensors)
+            if plan is None or plan.signature != signature or not plan.ties_hold(tensors):
+                items = list(zip(keys, tensors, strict=True))
+                normalize_named_tensors(items)  # a new structure is validated in full, once
+                plan = self._plan = ArenaPlan(
+                    items, signature, self._native, alignment=self.alignment, chunk_bytes=self.chunk_bytes
+                )
+                rebuilt = True
+            plan.remember(tensors)
         staging = self._take_staging(plan)
         staging.meta = meta
         pending = _Pending(staging, tensors)
@@ -168,19 +171,26 @@ class NativeSnapshotStore(BufferedStore):
         return CaptureTicket(plan.keys, plan.nbytes, in_flight=pending.done is not None, rebuilt=rebuilt)
 
     @staticmethod
-    def _read(named: NamedTensors) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...], Any]:
-        """Keys, tensors and signature without a per-item Python loop; malformed input falls
-        through to :func:`normalize_named_tensors`, which raises the documented error."""
+    def _read(named: NamedTensors) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+        """Keys and tensors without a per-item Python loop; malformed input falls through to
+        :func:`normalize_named_tensors`, which raises the documented error."""
         items: Any = named
         try:
             if isinstance(named, Mapping):
-                keys, tensors = tuple(named), tuple(named.values())
-            else:
-                items = list(named)
-                keys, tensors = tuple(zip(*items, strict=True)) if items else ((), ())
-            return keys, tensors, signature_of(keys, tensors)
-        except (TypeError, ValueError, AttributeError, RuntimeError):
+                return tuple(named), tuple(named.values())
+            items = list(named)
+            return tuple(zip(*items, strict=True)) if items else ((), ())  # type: ignore[return-value]
+        except (TypeError, ValueError):
             normalize_named_tensors(items)
+            raise
+
+    @staticmethod
+    def _signature(keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Any:
+        """:func:`signature_of`, turning non-tensor values into the documented error."""
+        try:
+            return signature_of(keys, tensors)
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            normalize_named_tensors(list(zip(keys, tensors, strict=True)))
             raise
 
     def _take_staging(self, plan: ArenaPlan) -> HostBuffer:

@@ -25,7 +25,7 @@ Every slot is filled in one of three ways, decided once per plan:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +41,7 @@ _shape = attrgetter("shape")
 _device = attrgetter("device")
 _is_contiguous = torch.Tensor.is_contiguous
 _data_ptr = torch.Tensor.data_ptr
+_nbytes = attrgetter("nbytes")
 
 
 def signature_of(keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Signature:
@@ -53,6 +54,17 @@ def signature_of(keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Si
         tuple(map(_device, tensors)),
         tuple(map(_is_contiguous, tensors)),
         tuple(map(type, tensors)),
+    )
+
+
+def byte_signature(tensors: tuple[torch.Tensor, ...]) -> Signature:
+    """What decides whether copying a known tensor's bytes is safe: dtype, device, contiguity and
+    byte size. Much cheaper than :func:`signature_of` (no ``torch.Size`` per tensor)."""
+    return (
+        tuple(map(_dtype, tensors)),
+        tuple(map(_device, tensors)),
+        tuple(map(_is_contiguous, tensors)),
+        tuple(map(_nbytes, tensors)),
     )
 
 
@@ -101,6 +113,10 @@ class ArenaPlan:
     ) -> None:
         self.signature = signature
         self.keys = tuple(key for key, _ in items)
+        # The tensor objects last captured with this plan, and their byte signature: the same
+        # objects with the same bytes skip the full structural signature (see recognises()).
+        self._seen: tuple[torch.Tensor, ...] | None = None
+        self._seen_bytes: Signature | None = None
         self.key_index = {key: index for index, key in enumerate(self.keys)}
         self.device = _primary_device(items)
         on_cuda = self.device.type == "cuda"
@@ -175,6 +191,29 @@ class ArenaPlan:
         if self._pick_direct is None:
             return []
         return list(map(_data_ptr, self._pick_direct(tensors)))
+
+    def recognises(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
+        """Whether ``tensors`` are the very objects last captured with this plan, under the same
+        keys, with unchanged dtype, device, contiguity and byte size.
+
+        This is what keeps a 5,000-tensor capture from rebuilding ``torch.Size`` objects: the
+        copy reads ``nbytes`` contiguous bytes at each tensor's current address, so these
+        properties are what its safety rests on. Not noticed (documented, like the health cache):
+        a same-size reinterpretation swapped in with ``p.data = p.data.view(...)``; the bytes are
+        still captured and restored exactly, only the LKG views keep the planned shape.
+        """
+        seen = self._seen
+        return (
+            seen is not None
+            and len(tensors) == len(seen)
+            and keys == self.keys
+            and all(map(is_, tensors, seen))
+            and byte_signature(tensors) == self._seen_bytes
+        )
+
+    def remember(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Record ``tensors`` (just checked against the full signature) for :meth:`recognises`."""
+        self._seen, self._seen_bytes = tensors, byte_signature(tensors)
 
     def ties_hold(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether keys that shared memory at planning time still do (else a new plan is needed)."""
