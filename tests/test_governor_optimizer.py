@@ -159,3 +159,20 @@ def test_the_step_pre_hook_orders_the_step_after_an_in_flight_capture(
     train_step(model, first, data[1])  # the replaced optimizer's hook is gone
     train_step(model, second, data[1])
     assert len(calls) == 2
+
+
+def test_the_step_hook_does_not_keep_a_dropped_governors_store_alive() -> None:
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(16, 16)
+    optimizer = torch.optim.Adam(model.parameters())
+    for _ in range(5):  # e.g. a fresh Governor per episode on one optimizer
+        governor = TolariaGovernor(model, optimizer=optimizer, snapshot_backend="reference")
+        store = weakref.ref(governor._store)
+        del governor
+        gc.collect()
+        assert store() is None  # its two host copies of the model are freed
+    assert len(optimizer._optimizer_step_pre_hooks) == 0  # and no hook piles up
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()  # still steps normally

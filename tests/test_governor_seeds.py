@@ -139,3 +139,27 @@ def test_seed_key_changes_are_reported_but_never_raise(events: list[TelemetryEve
     (event,) = [e for e in events if e.event_type is TelemetryEventType.GOVERNOR_ROLLBACK]
     assert set(event.data.missing_keys) == seed_keys("grows")  # type: ignore[union-attr]
     assert report.pruned_slots == ()  # fossils are never pruned
+
+
+def test_a_sick_seed_fossilized_after_the_snapshot_makes_the_rollback_raise() -> None:
+    model = Host({"late": Stage.TRAINING})
+    gov = TolariaGovernor(model, snapshot_backend="reference")  # LKG taken while "late" trains
+    slot = model.seed_slots["late"]
+    slot.state = FakeState(Stage.FOSSILIZED)  # fossilized after the snapshot: never captured
+    with torch.no_grad():
+        slot.seed.weight.fill_(float("nan"))
+        model.body.weight.add_(1.0)
+    saved_body = gov.last_good_state["body.weight"].clone()
+    with pytest.raises(RuntimeError, match=r"\['late'\] were fossilized after the last committed snapshot"):
+        gov.execute_rollback()
+    assert torch.equal(model.body.weight, saved_body)  # the rest of the model was restored
+    assert torch.equal(gov.last_good_state["body.weight"], saved_body)  # and the LKG is kept
+
+
+def test_a_healthy_seed_fossilized_after_the_snapshot_rolls_back_cleanly() -> None:
+    model = Host({"late": Stage.TRAINING})
+    gov = TolariaGovernor(model, snapshot_backend="reference")
+    model.seed_slots["late"].state = FakeState(Stage.FOSSILIZED)
+    report = gov.execute_rollback()
+    assert set(report.missing_keys) >= {"seed_slots.late.seed.weight", "seed_slots.late.seed.bias"}
+    assert model.seed_slots["late"].seed is not None  # a fossil is never pruned

@@ -250,6 +250,10 @@ class TolariaGovernor:
         try:
             capture = contents.capture_contents(self.model, self.optimizer)
             ticket = self._store.capture(capture.entries, meta=capture.meta)
+            if self._hook_handle is None:
+                # No known optimizer, so no step pre-hook orders its writes after this capture:
+                # order all later work on the current stream after it instead (no host sync).
+                self._store.make_stream_wait()
         except BaseException:
             self._group.capture_failed()  # the peers must not wait for this rank's vote
             raise
@@ -390,6 +394,7 @@ class TolariaGovernor:
         # get_hub is resolved from this module's globals at call time, so patching it works.
         get_hub().emit(contents.rollback_event(payload, self._group.fault_ranks, self._group.ranked))
         contents.raise_on_drift(missing, unexpected)
+        contents.raise_on_sick_unsaved_fossils(self.model, missing)
         self._watch.clear_panic()
         return GovernorReport(
             panic.reason, panic.loss, panic.threshold, 0, True, panic_reason, env_id, missing, unexpected,

@@ -248,7 +248,7 @@ class GuardedStep:
                 self._healthy_since_snapshot = 0
                 if self.governor.pending_panic is not None:
                     # Resolving the previous capture judged a late verdict, and it panicked.
-                    return self._roll_back(step, loss, grad_norm, start, check, snapshot_seconds)
+                    return self._roll_back(step, loss, grad_norm, start, check, snapshot_seconds, snapshot)
         self.optimizer.step()
         return StepOutcome(
             step, loss, grad_norm, None, None, snapshot, True, streak,
@@ -257,7 +257,7 @@ class GuardedStep:
 
     def _roll_back(
         self, step: int, loss: float, grad_norm: float | None, start: float, check: float,
-        snapshot_seconds: float = 0.0,
+        snapshot_seconds: float = 0.0, snapshot: SnapshotInfo | None = None,
     ) -> StepOutcome:  # fmt: skip
         # The pending panic's reason travels in the report; read it from there, not from internals.
         mark = self._now()
@@ -270,7 +270,7 @@ class GuardedStep:
         reason = report.panic_reason or report.reason
         panic_step = report.panic_step if report.panic_step is not None else step
         return StepOutcome(
-            step, loss, grad_norm, reason, report, None, False, 0, check, snapshot_seconds, rollback,
+            step, loss, grad_norm, reason, report, snapshot, False, 0, check, snapshot_seconds, rollback,
             self._now() - start, panic_step,
         )  # fmt: skip
 

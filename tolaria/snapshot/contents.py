@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -157,13 +158,23 @@ def key_drift(model: nn.Module, meta: CaptureMeta) -> tuple[tuple[str, ...], tup
 
 def order_steps_after_captures(optimizer: torch.optim.Optimizer, store: snap.SnapshotStore) -> Any:
     """Install an optimizer step pre-hook that makes the step wait (on the GPU, no host sync) for
-    the store's in-flight capture; returns the hook's removable handle."""
+    the store's in-flight capture; returns the hook's removable handle.
+
+    The hook holds the store weakly and is removed when the store is collected: an optimizer
+    that outlives its Governor must neither keep the store's host buffers (two model copies)
+    alive nor pile up one hook per Governor ever built on it.
+    """
+    store_ref = weakref.ref(store)
 
     def wait_for_capture(_opt: object, _args: object, _kwargs: object) -> None:
         # The step writes the parameters an in-flight capture may still be reading.
-        store.make_stream_wait()
+        live = store_ref()
+        if live is not None:
+            live.make_stream_wait()
 
-    return optimizer.register_step_pre_hook(wait_for_capture)
+    handle = optimizer.register_step_pre_hook(wait_for_capture)
+    weakref.finalize(store, handle.remove)
+    return handle
 
 
 def snapshot_events(
@@ -243,6 +254,32 @@ def raise_on_drift(missing: tuple[str, ...], unexpected: tuple[str, ...]) -> Non
         )
 
 
+def raise_on_sick_unsaved_fossils(model: nn.Module, missing: tuple[str, ...]) -> None:
+    """RuntimeError when a seed fossilized after the last snapshot holds NaN/Inf weights.
+
+    Its keys were not captured (it was still experimental then), so the rollback cannot restore
+    it, and a fossil cannot be pruned: keeping it would make the next step panic again, forever.
+    A healthy late fossil is fine (the next snapshot captures it) and passes.
+    """
+    missing_set = set(missing)
+    sick: list[str] = []
+    for slot_id, slot in _seed_slots(model):
+        seed = getattr(slot, "seed", None)
+        if seed is None or not is_fossilized(slot):
+            continue
+        prefix = f"{SEED_SLOTS_PREFIX}{slot_id}.seed."
+        if not any(key.startswith(prefix) for key in missing_set):
+            continue
+        if any(not bool(torch.isfinite(p).all()) for p in seed.parameters()):
+            sick.append(str(slot_id))
+    if sick:
+        raise RuntimeError(
+            f"seed slot(s) {sick} were fossilized after the last committed snapshot and hold non-finite "
+            "weights: the Last Known Good has no copy of them and a fossil cannot be pruned; take a "
+            "snapshot right after fossilizing a seed (the rest of the model was restored, the LKG is kept)"
+        )
+
+
 def prune_live_seeds(model: nn.Module, log: logging.Logger) -> tuple[str, ...]:
     """Prune every live (present, staged, not fossilized) seed with ``initiator="governor"``;
     returns the pruned slot ids. A failing prune is logged through ``log`` and skipped, never
@@ -260,6 +297,7 @@ def prune_live_seeds(model: nn.Module, log: logging.Logger) -> tuple[str, ...]:
 
 
 __all__ = [
+    "raise_on_sick_unsaved_fossils",
     "SEED_SLOTS_PREFIX",
     "CaptureContents",
     "CaptureMeta",
