@@ -27,13 +27,14 @@ else:
     _unavailable_reason = None
 
 
-def _truthy(value: str | None) -> bool:
+def env_flag(value: str | None) -> bool:
+    """How tolaria reads an on/off environment variable: 1, true, yes or on (any case)."""
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def native_required() -> bool:
     """True when ``TOLARIA_REQUIRE_NATIVE`` asks for the compiled extension."""
-    return _truthy(os.environ.get(REQUIRE_NATIVE_ENV))
+    return env_flag(os.environ.get(REQUIRE_NATIVE_ENV))
 
 
 def extension() -> ModuleType | None:

@@ -30,7 +30,7 @@ def triton_installed() -> bool:
 
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _ext.env_flag(os.environ.get("TRITON_INTERPRET"))
 
 
 def snapshot_backend_for(device: torch.device) -> BackendChoice:

@@ -26,15 +26,15 @@ Import this module only after TRITON_INTERPRET has its final value: ``@triton.ji
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Mirrors Triton's own parsing of the flag, so the dispatcher knows whether the kernels below
+from tolaria.backends import triton_interpreting
+
+# Read the way Triton reads the flag (1/true/yes/on), so the dispatcher knows whether the kernels below
 # were built for the interpreter (CPU tensors allowed) or for the GPU.
-INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+INTERPRETED: bool = triton_interpreting()
 
 # Every chunk address is a multiple of this (unaligned tensors are staged by the plan; chunks
 # start at multiples of BLOCK elements); the hint lets the compiler emit 16-byte vector loads
