@@ -88,34 +88,14 @@ def _scenario(
     nbytes = sum(t.nbytes for t in tensors)
     reps, warmup = (5, 1) if quick else (20, 3)
     on_cuda = torch.device(device).type == "cuda"
+    variants = [
+        (BASELINE, lambda: _isfinite_loop(tensors)),
+        ("foreach-norm", lambda: _foreach_norm(tensors)),
+        ("tolaria", lambda: check_tensors(pairs)),
+    ]
     rows = [
-        measure(
-            name,
-            BASELINE,
-            lambda: _isfinite_loop(tensors),
-            device=device,
-            bytes=nbytes,
-            warmup=warmup,
-            reps=reps,
-        ),
-        measure(
-            name,
-            "foreach-norm",
-            lambda: _foreach_norm(tensors),
-            device=device,
-            bytes=nbytes,
-            warmup=warmup,
-            reps=reps,
-        ),
-        measure(
-            name,
-            "tolaria",
-            lambda: check_tensors(pairs),
-            device=device,
-            bytes=nbytes,
-            warmup=warmup,
-            reps=reps,
-        ),
+        measure(name, variant, fn, device=device, bytes=nbytes, warmup=warmup, reps=reps)
+        for variant, fn in variants
     ]
     flat = torch.randn(nbytes // 4, device=device)
     rows.insert(

@@ -195,7 +195,7 @@ def summary(rows: list[Measurement]) -> list[str]:
     lines = []
     for scenario in dict.fromkeys(row.scenario for row in rows):
         native = by_key.get((scenario, "native"))
-        baseline = SNAPSHOT_BASELINE if scenario.startswith("snapshot/") else RESTORE_BASELINE
+        baseline = baseline_of(scenario)
         base, limit = by_key.get((scenario, baseline)), by_key.get((scenario, "limit"))
         if native is None:
             continue

@@ -20,6 +20,7 @@ legacy ``load_state_dict`` of a pageable snapshot.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,8 +124,6 @@ def _time_window(loop: _Loop) -> float:
         end.record()
         torch.cuda.synchronize(loop.device)
         return start.elapsed_time(end) / 1e3
-    import time
-
     begin = time.perf_counter()
     loop.window()
     return time.perf_counter() - begin
