@@ -372,12 +372,13 @@ class Watch:
         names, nonfinite = report.names, report.nonfinite
         norms = report.norms[n_params:]
         grad_norm = math.sqrt(math.fsum(n * n for n in norms)) if norms else math.nan
-        bad_param = next((names[i] for i in range(n_params) if nonfinite[i]), None)
-        if bad_param is not None:
-            return self._keep(Panic(REASON_NONFINITE_PARAMS, math.nan, math.nan, 1, bad_param, grad_norm))
-        bad_grad = next((names[i] for i in range(n_params, len(names)) if nonfinite[i]), None)
-        if bad_grad is not None:
-            return self._keep(Panic(REASON_NONFINITE_GRADS, math.nan, math.nan, 1, bad_grad, grad_norm))
+        if report.first_bad is not None:  # a healthy step skips both per-tensor walks
+            bad_param = next((names[i] for i in range(n_params) if nonfinite[i]), None)
+            if bad_param is not None:
+                return self._keep(Panic(REASON_NONFINITE_PARAMS, math.nan, math.nan, 1, bad_param, grad_norm))
+            bad_grad = next((names[i] for i in range(n_params, len(names)) if nonfinite[i]), None)
+            if bad_grad is not None:
+                return self._keep(Panic(REASON_NONFINITE_GRADS, math.nan, math.nan, 1, bad_grad, grad_norm))
         if not norms:
             return None
         verdict = self.grad_norms.observe(grad_norm)
