@@ -151,7 +151,7 @@ def _health_finish_kernel(
 
 
 def block_size(dtype: torch.dtype) -> int:
-    """Elements per program iteration: 16 per thread of _NUM_WARPS warps (8 for fp64).
+    """Elements per program iteration: 16 per thread of NUM_WARPS warps (8 for fp64).
 
     Sixteen fp32 elements are four 16-byte loads in flight per thread, with ~40 registers:
     enough resident threads per SM to cover HBM latency several times over.
@@ -164,7 +164,20 @@ def block_size(dtype: torch.dtype) -> int:
 # the finishing pass stay small.
 CHUNK_BLOCKS = 16
 MAX_CHUNK_BLOCKS = 1022  # keeps the sick path's 10-bit per-lane count fields below 1024
-_NUM_WARPS = 4
+NUM_WARPS = 4
+
+
+def partials_constants(dtype: torch.dtype, block: int) -> dict[str, object]:
+    """The compile-time arguments of the partials kernel for one dtype group (one variant each)."""
+    return {
+        "ELEMENT": _ELEMENT_TYPES[dtype],
+        "ACCUMULATOR": tl.float64 if dtype == torch.float64 else tl.float32,
+        "ALIGNMENT": ADDRESS_ALIGNMENT,
+        "BLOCK": block,
+    }
+
+
+FINISH_CONSTANTS: dict[str, object] = {"ROWS": FINISH_ROWS, "BLOCK": FINISH_BLOCK}
 
 
 def launch_partials(
@@ -190,11 +203,8 @@ def launch_partials(
         num_chunks,
         chunk_base,
         total_chunks,
-        ELEMENT=_ELEMENT_TYPES[dtype],
-        ACCUMULATOR=tl.float64 if dtype == torch.float64 else tl.float32,
-        ALIGNMENT=ADDRESS_ALIGNMENT,
-        BLOCK=block,
-        num_warps=_NUM_WARPS,
+        **partials_constants(dtype, block),
+        num_warps=NUM_WARPS,
     )
 
 
@@ -230,7 +240,6 @@ def launch_finish(
         out,
         num_tensors,
         total_chunks,
-        ROWS=FINISH_ROWS,
-        BLOCK=FINISH_BLOCK,
-        num_warps=4,
+        **FINISH_CONSTANTS,
+        num_warps=NUM_WARPS,
     )
