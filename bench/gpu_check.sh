@@ -15,16 +15,18 @@ status=()
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
+  local began=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  status+=("$name: rc=$rc")
+  status+=("$name: rc=$rc in $((SECONDS - began))s")
   return "$rc"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 step build 240 $python -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${status[@]}"; exit 1; }
 step doctor 60 $python -m tolaria doctor
-step cuda-tests 240 $python -m pytest -m cuda -q -rfE -p no:cacheprovider
+# --durations: the slowest tests, to keep this step inside a short lease.
+step cuda-tests 240 $python -m pytest -m cuda -q -rfE -p no:cacheprovider --durations=15
 quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 step bench 420 $python -m bench.runner --device cuda "${quick[@]}" --out "$OUT" --no-csv

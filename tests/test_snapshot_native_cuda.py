@@ -143,6 +143,28 @@ def test_snapshot_returns_before_the_copy_completes() -> None:
     still_copying = not marker.query()  # 1 GiB device->host takes tens of ms
     assert ticket.in_flight and still_copying
     assert store.resolve().committed
+
+
+def test_the_optimizer_waits_for_the_parameters_not_for_the_optimizer_state() -> None:
+    # A small parameter and 1 GiB of optimizer-like state (not a Parameter: it goes through the
+    # device scratch, copied after *released*). The step's wait ends while that copy still runs.
+    weight = _big_parameter(1)
+    moments = torch.ones(1 << 28, device="cuda")
+    store = _store()
+    named = {"w": weight, "exp_avg": moments}
+    _warm(store, named)
+    torch.cuda.synchronize()
+    store.capture(named)
+    probe = torch.cuda.Stream()
+    store.make_stream_wait(probe)
+    marker = torch.cuda.Event()
+    marker.record(probe)
+    marker.synchronize()  # the parameter's copy and the health check are done
+    assert not store._pending.done.query()  # 1 GiB device->host: tens of ms still to go
+    moments.fill_(float("nan"))  # the step writes the live state: the scratch copy is unaffected
+    resolution = store.resolve()
+    assert resolution.committed
+    assert bool((store.last_good_state["exp_avg"] == 1.0).all())
     marker.synchronize()
 
 

@@ -22,16 +22,20 @@ CUDA capture, in this order:
 1. buffers and non-contiguous tensors are copied into a private device scratch on the caller's
    current stream (stream order: forward's BatchNorm updates queued later cannot reach them);
 2. event *ready* is recorded on the caller's stream and the engine's side stream waits on it;
-3. the side stream enqueues every device→host copy (one ``cudaMemcpyBatchAsync``) from the live
-   parameters and from the scratch into the pinned staging arena;
-4. the fused health check of exactly those device tensors is enqueued on the side stream
-   (``check_tensors(..., blocking=False)``), and event *done* is recorded after it.
+3. the side stream enqueues the device→host copies of the live parameters (one
+   ``cudaMemcpyBatchAsync``) into the pinned staging arena;
+4. the fused health check of the parameters and the scratch is enqueued on the side stream
+   (``check_tensors(..., blocking=False)``), then event *released*;
+5. the scratch's device→host copies (a second batch), then event *done*.
 
 Why the checked bytes are the committed bytes: the check and the copies read the same device
-memory on one stream, both after *ready* and before *done*. Nothing writes that memory in
-between: the scratch belongs to the store, and parameters are written only by the optimizer,
-whose step waits on *done* (:meth:`make_stream_wait`, installed by the Governor as a step
+memory on one stream, all after *ready* and before *done*. Nothing writes that memory in
+between: the scratch belongs to the store (the next capture first waits for *done*), and
+parameters are written only by the optimizer, whose step waits on *released*, the point after
+the last read of a parameter (:meth:`make_stream_wait`, installed by the Governor as a step
 pre-hook). Without that hook a step may overwrite parameters under the copy: a torn capture.
+Waiting on *released* rather than *done* lets the scratch's copies (with AdamW, the two moment
+buffers: two thirds of the bytes) overlap the next step instead of stalling it.
 Tensors must not be freed or have their storage replaced while a capture is in flight.
 
 Which tensors count as parameters: ``nn.Parameter`` instances, so pass
@@ -59,7 +63,7 @@ import torch
 from tolaria import _ext
 from tolaria.health import HealthHandle, HealthReport, check_tensors
 from tolaria.snapshot.buffered import BufferedStore
-from tolaria.snapshot.native_cuda import CudaEngine
+from tolaria.snapshot.native_cuda import CaptureEvents, CudaEngine
 from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer, signature_of
 from tolaria.snapshot.store import (
     CaptureTicket,
@@ -76,12 +80,17 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Pending:
     """A staged capture: its buffer, the tensors it reads (kept alive until it is resolved) and,
-    on CUDA, its health handle and done-event."""
+    on CUDA, its health handle and events."""
 
     buffer: HostBuffer
     tensors: tuple[torch.Tensor, ...]
     health: HealthHandle | None = None
-    done: Any = None  # tolaria._C.CudaEvent
+    events: CaptureEvents | None = None
+
+    @property
+    def done(self) -> Any:
+        """The event after the capture's last copy (a ``tolaria._C.CudaEvent``), None on CPU."""
+        return None if self.events is None else self.events.done
 
 
 class NativeSnapshotStore(BufferedStore):
@@ -159,7 +168,7 @@ class NativeSnapshotStore(BufferedStore):
         try:
             with torch.no_grad():
                 if plan.device.type == "cuda":
-                    pending.health, pending.done = self._cuda.capture(
+                    pending.health, pending.events = self._cuda.capture(
                         plan, staging, tensors, self.health_backend
                     )
                 else:
@@ -349,10 +358,11 @@ class NativeSnapshotStore(BufferedStore):
 
     def make_stream_wait(self, stream: torch.cuda.Stream | None = None) -> None:
         pending = self._pending
-        if pending is None or pending.done is None:
+        if pending is None or pending.events is None:
             return
         target = stream if stream is not None else torch.cuda.current_stream(pending.buffer.plan.device)
-        pending.done.block_stream(target.cuda_stream)
+        # *released*, not *done*: what remains after it reads only the store's own scratch.
+        pending.events.released.block_stream(target.cuda_stream)
 
     def close(self) -> None:
         self._discard_pending()

@@ -6,6 +6,7 @@ See :mod:`tolaria.snapshot.native` for the ordering argument; this module only c
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -24,13 +25,27 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@dataclass(frozen=True)
+class CaptureEvents:
+    """A capture's two milestones on the side stream (``tolaria._C.CudaEvent``s).
+
+    ``released``: every read of memory the caller may write again (the live parameters) is
+    done: their device→host copies and their health check. The optimizer step waits on this.
+    ``done``: everything, including the copies out of the store's private device scratch.
+    """
+
+    released: Any
+    done: Any
+
+
 class CudaEngine:
-    """Per-device side streams and ready/done events (``tolaria._C.CudaEvent``), created once."""
+    """Per-device side streams and ready/released/done events (``tolaria._C.CudaEvent``),
+    created once."""
 
     def __init__(self, native: ModuleType) -> None:
         self._native = native
         self._streams: dict[int, torch.cuda.Stream] = {}
-        self._events: dict[int, tuple[Any, Any]] = {}
+        self._events: dict[int, tuple[Any, Any, Any]] = {}
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device_index(device)
@@ -41,27 +56,35 @@ class CudaEngine:
             stream = self._streams[index] = torch.cuda.Stream(device=index)
         return stream
 
-    def _ready_done(self, index: int) -> tuple[Any, Any]:
+    def _events_of(self, index: int) -> tuple[Any, Any, Any]:
         events = self._events.get(index)
         if events is None:
-            events = self._events[index] = (self._native.CudaEvent(index), self._native.CudaEvent(index))
+            event = self._native.CudaEvent
+            events = self._events[index] = (event(index), event(index), event(index))
         return events
 
     def capture(
         self, plan: ArenaPlan, staging: HostBuffer, tensors: tuple[torch.Tensor, ...], health_backend: str
-    ) -> tuple[HealthHandle, Any]:
-        """Enqueue the capture of ``tensors`` into ``staging``; returns (health handle, done-event).
+    ) -> tuple[HealthHandle, CaptureEvents]:
+        """Enqueue the capture of ``tensors`` into ``staging``; returns its health handle and
+        events.
 
         Call under ``torch.no_grad()``. Returns once everything is enqueued: the host waits only
         for ``foreign`` slots (other devices), which are copied synchronously.
+
+        Side-stream order: the parameters' copies, the health check (parameters and scratch),
+        *released*, the scratch's copies, *done*. The scratch (buffers, optimizer state) is the
+        store's own memory, so its copies may run on while the next optimizer step writes the
+        live tensors: that step waits only for *released*, which with AdamW comes after a third
+        of the bytes (parameters, not the two moment buffers).
         """
         device = plan.device
         index = device_index(device)
         caller = torch.cuda.current_stream(device)
         side = self.side_stream(device)
-        ready, done = self._ready_done(index)
-        addresses = plan.direct_addresses(tensors)
+        ready, released, done = self._events_of(index)
         checks: list[tuple[str, torch.Tensor]] = []
+        scratch = None
         if plan.ordered:
             scratch = plan.scratch()
             sources = [tensors[plan.slot_key[slot]] for slot in plan.ordered]
@@ -71,21 +94,24 @@ class CudaEngine:
             else:
                 for view, source in zip(scratch.views, sources, strict=True):
                     view.copy_(source)
-            addresses += scratch.addresses
             checks += scratch.checks
         for slot in plan.foreign:
             staging.slot_views[slot].copy_(tensors[plan.slot_key[slot]])
         ready.record(caller.cuda_stream)
         ready.block_stream(side.cuda_stream)
-        if staging.copier is not None and addresses:
-            staging.copier.capture_device(addresses, side.cuda_stream, index, plan.device_slots)
+        copier = staging.copier
+        if copier is not None and plan.direct:  # an empty slot list would mean "every slot"
+            copier.capture_device(plan.direct_addresses(tensors), side.cuda_stream, index, plan.direct)
         for key_index, is_complex in plan.direct_checks:
             tensor = tensors[key_index]
             checks.append((plan.keys[key_index], torch.view_as_real(tensor) if is_complex else tensor))
         with torch.cuda.stream(side):
             health = check_tensors(checks, backend=health_backend, blocking=False)
+        released.record(side.cuda_stream)
+        if copier is not None and scratch is not None:
+            copier.capture_device(scratch.addresses, side.cuda_stream, index, plan.ordered)
         done.record(side.cuda_stream)
-        return health, done
+        return health, CaptureEvents(released, done)
 
     def restore(self, lkg: HostBuffer, addresses: list[int], slots: list[int]) -> None:
         """Device sync, batched host→device copies on the side stream, side-stream sync."""
@@ -103,4 +129,4 @@ class CudaEngine:
             logger.debug("side stream synchronize after a failed capture: %s", exc)
 
 
-__all__ = ["CudaEngine", "device_index"]
+__all__ = ["CaptureEvents", "CudaEngine", "device_index"]

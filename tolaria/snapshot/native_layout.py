@@ -177,8 +177,7 @@ class ArenaPlan:
             self._pick_direct = lambda ts: (ts[only],)
         elif self.direct_keys:
             self._pick_direct = itemgetter(*self.direct_keys)
-        # CUDA: the slots the side stream copies, and which device tensors the health check reads.
-        self.device_slots = self.direct + self.ordered
+        # CUDA: which direct device tensors the capture's health check reads.
         self.direct_checks = [
             (self.slot_key[s], self.slot_dtype[s].is_complex)
             for s in self.direct
