@@ -364,3 +364,20 @@ def test_auto_backend_rolls_back_bit_exact() -> None:
     corrupt(model)
     gov.execute_rollback()
     assert same_state(model, good)
+
+
+def test_a_patched_governor_hub_also_receives_the_stores_degraded_event(
+    events: list[TelemetryEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tolaria import governor as governor_module
+    from tolaria.telemetry import CallbackSink, TelemetryHub
+
+    mine: list[TelemetryEvent] = []
+    monkeypatch.setattr(governor_module, "get_hub", lambda: TelemetryHub([CallbackSink(mine.append)]))
+    monkeypatch.setattr(reference, "_pinned_empty", no_pinned_memory)
+    gov = gov_for(small_model())
+    gov._store.pin_memory = True  # a CPU model never pins; force the path that can fail
+    gov.snapshot()
+    degraded = [e for e in mine if e.event_type == TelemetryEventType.SNAPSHOT_DEGRADED]
+    assert len(degraded) == 1 and degraded[0].data.backend == "reference"
+    assert TelemetryEventType.SNAPSHOT_DEGRADED not in {e.event_type for e in events}  # not the global hub

@@ -124,8 +124,16 @@ SCHEDULES = {
     "inf_grad": {13: "inf_grad"},
     "divergence": {13: "spike", 14: "spike", 15: "spike"},
     "grad_explosion": {13: "explode", 14: "explode", 15: "explode"},
-    "all": {13: "nan_weight", 17: "inf_grad", 21: "spike", 22: "spike", 23: "spike", 28: "explode",
-            29: "explode", 30: "explode"},  # fmt: skip
+    "all": {
+        13: "nan_weight",
+        17: "inf_grad",
+        21: "spike",
+        22: "spike",
+        23: "spike",
+        28: "explode",
+        29: "explode",
+        30: "explode",
+    },  # fmt: skip
 }
 EXPECTED = {
     "nan_weight": {"governor_nan"},

@@ -44,7 +44,7 @@ from tolaria.distributed import make_decisions
 from tolaria.snapshot import Resolution, contents, make_store
 from tolaria.snapshot import store as snap
 from tolaria.snapshot.contents import SnapshotInfo, device_of
-from tolaria.telemetry import get_hub
+from tolaria.telemetry import TelemetryHub, get_hub
 from tolaria.vitals import Panic, Watch, check_number
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,11 @@ class _WatchSetting:
 
     def __set__(self, gov: Any, value: float) -> None:
         gov._watch.configure(self.name, value)
+
+
+def _current_hub() -> TelemetryHub:
+    """This module's ``get_hub``, looked up at call time (patchable); the store's events use it."""
+    return get_hub()
 
 
 class TolariaGovernor:
@@ -159,6 +164,7 @@ class TolariaGovernor:
         self.health_backend = health_backend
         self._group = make_decisions(process_group)
         self._store = make_store(snapshot_backend, device=device_of(model), health_backend=health_backend)
+        self._store.hub_source = _current_hub
         self._pending_info: SnapshotInfo | None = None
         self._lkg_cache: tuple[object, dict[str, torch.Tensor]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -281,7 +287,7 @@ class TolariaGovernor:
             info, resolution, str(device_of(self.model)), self._group.veto_ranks, self._group.ranked, withheld
         )
         for event in events:
-            get_hub().emit(event)  # looked up at call time, so patching get_hub works
+            _current_hub().emit(event)
         return resolution
 
     # -- detect --------------------------------------------------------------------------------
@@ -346,7 +352,7 @@ class TolariaGovernor:
         if step is not None:
             panic = self._watch.pending = replace(panic, step=step)
         device = str(device_of(self.model))
-        get_hub().emit(contents.panic_event(panic, device, self._group.fault_ranks, self._group.ranked))
+        _current_hub().emit(contents.panic_event(panic, device, self._group.fault_ranks, self._group.ranked))
         return True
 
     # -- restore -------------------------------------------------------------------------------
@@ -391,8 +397,7 @@ class TolariaGovernor:
             env_id, str(device_of(self.model)), panic.reason, panic.loss, panic.threshold,
             max(panic.consecutive, self.consecutive_panics), panic_reason, missing, unexpected,
         )  # fmt: skip
-        # get_hub is resolved from this module's globals at call time, so patching it works.
-        get_hub().emit(contents.rollback_event(payload, self._group.fault_ranks, self._group.ranked))
+        _current_hub().emit(contents.rollback_event(payload, self._group.fault_ranks, self._group.ranked))
         contents.raise_on_drift(missing, unexpected)
         contents.raise_on_sick_unsaved_fossils(self.model, missing)
         self._watch.clear_panic()

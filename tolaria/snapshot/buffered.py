@@ -88,6 +88,7 @@ class BufferedStore(SnapshotStore):
             telemetry.Severity.WARNING,
             f"{self.backend} snapshot memory is pageable: pinning failed",
             telemetry.SnapshotDegradedPayload(backend=self.backend, mode="pageable", reason=reason),
+            hub=self.hub_source() if self.hub_source is not None else None,
         )
 
     # -- two-phase resolve: verify, agree, then commit or take back ----------------------------

@@ -25,12 +25,15 @@ import copy
 import weakref
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from tolaria.health import HealthReport
+
+if TYPE_CHECKING:
+    from tolaria.telemetry import TelemetryHub
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -136,6 +139,10 @@ class SnapshotStore(abc.ABC):
     """
 
     backend: ClassVar[str] = "abstract"
+    # Where the store's own telemetry (SNAPSHOT_DEGRADED) goes: None means
+    # ``telemetry.get_hub()`` at emit time. The Governor sets its own hub lookup here, so that
+    # patching ``tolaria.governor.get_hub`` catches every event of a governed run.
+    hub_source: Callable[[], TelemetryHub] | None = None
 
     @abc.abstractmethod
     def capture(self, named_tensors: NamedTensors, *, meta: object = None) -> CaptureTicket:
