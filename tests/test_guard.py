@@ -71,6 +71,25 @@ def test_healthy_step_steps_the_optimizer_and_reports_loss_and_grad_norm() -> No
     assert outcome.step_seconds >= outcome.governor_seconds >= 0
 
 
+def test_blocking_steps_take_the_grad_norm_from_the_health_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig()
+    monkeypatch.setattr(rig.guard, "_grad_norm", lambda: pytest.fail("a second pass over the gradients"))
+    outcome = rig.step()
+    grads = [p.grad for p in rig.model.parameters()]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert outcome.grad_norm == pytest.approx(float(expected)) == rig.governor.last_grad_norm
+
+
+def test_grad_norm_is_computed_when_the_governor_does_not_check_gradients() -> None:
+    rig = Rig()
+    rig.governor.check_gradients = False
+    outcome = rig.step()
+    assert rig.governor.last_grad_norm is None
+    grads = [p.grad for p in rig.model.parameters()]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert outcome.grad_norm == pytest.approx(float(expected))
+
+
 def test_nan_loss_rolls_back_to_the_last_known_good_without_backward_or_step(events) -> None:
     rig = Rig()
     lkg = rig.weights()  # the constructor's snapshot

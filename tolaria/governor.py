@@ -45,7 +45,7 @@ from tolaria.snapshot import Resolution, contents, make_store
 from tolaria.snapshot import store as snap
 from tolaria.snapshot.contents import SnapshotInfo, device_of
 from tolaria.telemetry import TelemetryHub, get_hub
-from tolaria.vitals import Panic, Watch, check_number
+from tolaria.vitals import Panic, Watch, check_number, gradient_norm
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class TolariaGovernor:
         self._store = make_store(snapshot_backend, device=device_of(model), health_backend=health_backend)
         self._store.hub_source = _current_hub
         self._pending_info: SnapshotInfo | None = None
+        self._last_grad_norm: float | None = None
         self._lkg_cache: tuple[object, dict[str, torch.Tensor]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._hook_handle: Any = None
@@ -309,9 +310,17 @@ class TolariaGovernor:
         history ``min_panics_before_rollback`` times in a row panics as ``governor_grad_explosion``.
         One health call covers parameters and gradients together.
         """
+        self._last_grad_norm = None
         if self._verdicts.catch_up():
             return True
         return self._decide(self._observe_tensors, "check_health")
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient L2 norm that the latest :meth:`check_health` computed (not finite
+        when a gradient is not), or None when that call checked no gradient (or none ran yet).
+        Free to read: the check already brought the per-tensor norms to the host."""
+        return self._last_grad_norm
 
     def observe(self, loss: object, *, step: int | None = None) -> bool:
         """Deferred check of one step, after backward and before the optimizer step: enqueue the
@@ -341,7 +350,11 @@ class TolariaGovernor:
     def _observe_tensors(self) -> Panic | None:
         pairs, n_params = self._health_pairs()
         report = health.check_tensors(pairs, backend=self.health_backend) if pairs else None
-        return None if report is None else self._watch.observe_tensors(report, n_params)
+        if report is None:
+            return None
+        if len(pairs) > n_params:
+            self._last_grad_norm = gradient_norm(report, n_params)
+        return self._watch.observe_tensors(report, n_params)
 
     def _decide(self, observe: Callable[[], Panic | None], check: str, step: int | None = None) -> bool:
         """This rank's verdict, agreed with the group when there is one; announce a panic.

@@ -114,8 +114,10 @@ class GuardedStep:
         optimizer: the optimizer that trains the governed model.
         snapshot_every: healthy steps between snapshots (>= 1). The Governor's constructor took
             the first one.
-        track_grad_norm: also compute the global gradient L2 norm for :attr:`StepOutcome.grad_norm`
-            (one extra read of every gradient; a device sync on GPU).
+        track_grad_norm: report the global gradient L2 norm in :attr:`StepOutcome.grad_norm`. The
+            blocking checks already compute it (``governor.last_grad_norm``) when the governor
+            checks gradients; otherwise, and with ``deferred=True`` (whose verdicts arrive steps
+            later), it costs one extra read of every gradient and a device sync on GPU.
         synchronize: on CUDA, synchronize the device before reading each timer, so the seconds in
             :class:`StepOutcome` measure device work, not just kernel launches (costs the overlap).
         env_id: passed to ``execute_rollback`` (identifies the environment in telemetry).
@@ -211,10 +213,14 @@ class GuardedStep:
             return self._roll_back(step, loss_value, None, start, check)
 
         loss.backward()
-        grad_norm = self._grad_norm() if self.track_grad_norm else None
         mark = self._now()
         panicked = self.governor.check_health()
         check += self._now() - mark
+        grad_norm = None
+        if self.track_grad_norm:  # the check's own norm when it read the gradients: no second pass
+            grad_norm = self.governor.last_grad_norm
+            if grad_norm is None:
+                grad_norm = self._grad_norm()
         if panicked:
             return self._roll_back(step, loss_value, grad_norm, start, check)
         return self._finish(step, loss_value, grad_norm, start, check)

@@ -288,6 +288,13 @@ class Panic:
     step: int | None = None
 
 
+def gradient_norm(report: HealthReport, n_params: int) -> float:
+    """The global L2 norm of a report's gradients (its entries after the first ``n_params``);
+    NaN when it has none."""
+    norms = report.norms[n_params:]
+    return math.sqrt(math.fsum(n * n for n in norms)) if norms else math.nan
+
+
 class Watch:
     """All the Governor detects with: the loss monitor, a gradient-norm detector (its own
     history, the same sensitivity and consecutive rule, its own ``grad_norm_multiplier``, no
@@ -371,7 +378,7 @@ class Watch:
         """
         names, nonfinite = report.names, report.nonfinite
         norms = report.norms[n_params:]
-        grad_norm = math.sqrt(math.fsum(n * n for n in norms)) if norms else math.nan
+        grad_norm = gradient_norm(report, n_params)
         if report.first_bad is not None:  # a healthy step skips both per-tensor walks
             bad_param = next((names[i] for i in range(n_params) if nonfinite[i]), None)
             if bad_param is not None:
