@@ -158,6 +158,43 @@ def test_mixed_state_tied_strided_empty_and_identity() -> None:
     assert all(_same_bits(state[k], expected[k]) for k in state)
 
 
+def test_restore_into_the_captured_objects_takes_the_planned_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Governor's rollback restores into the very tensors it captured: no per-key walk.
+    from tolaria.snapshot import native
+
+    state = _mixed_state()
+    expected = {k: v.clone() for k, v in state.items()}
+    store = NativeSnapshotStore()
+    _committed(store, state)
+    for tensor in state.values():
+        tensor.zero_()
+    monkeypatch.setattr(native, "normalize_named_tensors", lambda *a, **k: pytest.fail("walked the targets"))
+    result = store.restore(list(state.items()))  # an iterable of pairs, read once
+    assert result.restored_keys == tuple(state) and not result.missing_keys and not result.unexpected_keys
+    assert all(_same_bits(state[k], expected[k]) for k in state)
+
+
+def test_restore_into_other_tensors_walks_the_targets() -> None:
+    state = _mixed_state()
+    store = NativeSnapshotStore()
+    _committed(store, state)
+    fresh = {k: v.detach().clone().zero_() for k, v in state.items()}  # same strides, untied
+    store.restore(fresh)
+    assert all(_same_bits(fresh[k], state[k]) for k in state)
+
+
+def test_a_tie_broken_after_the_capture_restores_both_tensors() -> None:
+    state = _mixed_state()
+    state["head.weight"] = state["embed.weight"].view_as(state["embed.weight"])  # another object, tied
+    expected = state["embed.weight"].clone()
+    store = NativeSnapshotStore()
+    _committed(store, state)
+    state["head.weight"].data = torch.zeros_like(expected)  # same object, its own memory now
+    state["embed.weight"].zero_()
+    store.restore(state)
+    assert _same_bits(state["head.weight"], expected) and _same_bits(state["embed.weight"], expected)
+
+
 def test_parameters_and_batchnorm_buffers_restore_in_place() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))

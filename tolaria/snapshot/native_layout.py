@@ -92,6 +92,22 @@ def _checkable(view: torch.Tensor) -> torch.Tensor | None:
     return view if view.is_floating_point() else None
 
 
+_Picker = Callable[[Sequence[torch.Tensor]], Any]
+
+
+def _picker(indices: list[int]) -> _Picker | None:
+    """One C-level call that picks ``indices`` out of a tuple, in order (itemgetter of a single
+    index returns the item itself, hence the tuple wrapper); None when there are none."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda tensors: (tensors[only],)
+    return itemgetter(*indices) if indices else None
+
+
+def _addresses(pick: _Picker | None, tensors: Sequence[torch.Tensor]) -> list[int]:
+    return [] if pick is None else list(map(_data_ptr, pick(tensors)))
+
+
 class ArenaPlan:
     """Slots, their arena layout and how each is captured, for one tensor-set structure.
 
@@ -169,14 +185,20 @@ class ArenaPlan:
                 self.direct.append(slot)
         self.all_direct = len(self.direct) == len(reps)
         self.direct_keys = [self.slot_key[s] for s in self.direct]
-        # One C-level call picks the direct tensors out of a capture's tuple, in slot order
-        # (itemgetter of a single index returns the item itself, hence the tuple wrapper).
-        self._pick_direct: Callable[[Sequence[torch.Tensor]], Any] | None = None
-        if len(self.direct_keys) == 1:
-            only = self.direct_keys[0]
-            self._pick_direct = lambda ts: (ts[only],)
-        elif self.direct_keys:
-            self._pick_direct = itemgetter(*self.direct_keys)
+        self._pick_direct = _picker(self.direct_keys)
+        # A restore into the captured tensors themselves writes by address every slot whose
+        # tensor is contiguous on the plan's device (buffers too: nothing is in flight then) and
+        # not complex (a lazy conjugate bit); the rest go through Tensor.copy_.
+        self.restore_direct = [
+            slot
+            for slot, key_index in enumerate(self.slot_key)
+            if devices[key_index] == self.device
+            and contiguous[key_index]
+            and not self.slot_dtype[slot].is_complex
+        ]
+        restored = set(self.restore_direct)
+        self.restore_copied = [slot for slot in range(len(reps)) if slot not in restored]
+        self._pick_restore = _picker([self.slot_key[s] for s in self.restore_direct])
         # CUDA: which direct device tensors the capture's health check reads.
         self.direct_checks = [
             (self.slot_key[s], self.slot_dtype[s].is_complex)
@@ -187,9 +209,16 @@ class ArenaPlan:
 
     def direct_addresses(self, tensors: Sequence[torch.Tensor]) -> list[int]:
         """The data addresses of the ``direct`` slots' tensors, in slot order."""
-        if self._pick_direct is None:
-            return []
-        return list(map(_data_ptr, self._pick_direct(tensors)))
+        return _addresses(self._pick_direct, tensors)
+
+    def restore_addresses(self, tensors: Sequence[torch.Tensor]) -> list[int]:
+        """The data addresses of the ``restore_direct`` slots' tensors, in slot order."""
+        return _addresses(self._pick_restore, tensors)
+
+    def recognises_restore_targets(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
+        """:meth:`recognises` and :meth:`ties_hold`: restore may then write by the plan's routes
+        without a per-key walk (with the same blind spot as a recognised capture)."""
+        return self.recognises(keys, tensors) and self.ties_hold(tensors)
 
     def recognises(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
         """Whether ``tensors`` are the very objects last captured with this plan, under the same
