@@ -30,7 +30,7 @@ from tolaria.governor import TolariaGovernor
 from tolaria.snapshot import make_store
 from tolaria.snapshot.store import SnapshotStore
 from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
-from tolaria.vitals import Watch
+from tolaria.watch import Watch
 
 STORE_BACKENDS = ["reference"] + (["native"] if _ext.extension() is not None else [])
 

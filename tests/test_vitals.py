@@ -20,9 +20,9 @@ from tolaria.vitals import (
     REASON_NONFINITE_PARAMS,
     LossMonitor,
     SpikeDetector,
-    Watch,
     coerce_loss,
 )
+from tolaria.watch import Watch
 
 FAST = settings(max_examples=80, deadline=None)
 normal_losses = st.lists(st.floats(0.5, 2.0), min_size=10, max_size=20)

@@ -57,7 +57,8 @@ import torch
 from tolaria import health
 from tolaria.health import HealthHandle
 from tolaria.snapshot.store import Resolution, SnapshotStore
-from tolaria.vitals import Panic, Watch, check_loss_tensor, coerce_loss
+from tolaria.vitals import check_loss_tensor, coerce_loss
+from tolaria.watch import Panic, Watch
 
 #: The Governor's decision step: ``decide(observe, check_name, step)`` runs ``observe`` (which
 #: feeds a monitor of the Watch), announces a panic and returns whether there was one.

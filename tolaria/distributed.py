@@ -61,10 +61,9 @@ from tolaria.vitals import (
     REASON_NAN,
     REASON_NONFINITE_GRADS,
     REASON_NONFINITE_PARAMS,
-    Panic,
     SpikeDetector,
-    Watch,
 )
+from tolaria.watch import Panic, Watch
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")

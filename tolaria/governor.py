@@ -12,8 +12,9 @@
 * **punish** — ``get_punishment_reward()`` gives an RL controller the negative reward for the
   failure it caused.
 
-The Governor only decides *when*; :mod:`tolaria.vitals` judges losses, :mod:`tolaria.health`
-judges tensors, :mod:`tolaria.snapshot` keeps the bytes, and every decision is reported through
+The Governor only decides *when*; :mod:`tolaria.watch` judges losses and health reports with the
+detectors of :mod:`tolaria.vitals`, :mod:`tolaria.health` checks tensors, :mod:`tolaria.snapshot`
+keeps the bytes, and every decision is reported through
 the telemetry hub, reached via the module-level name ``get_hub`` at call time so that users can
 patch ``tolaria.governor.get_hub``.
 """
@@ -45,7 +46,8 @@ from tolaria.snapshot import Resolution, contents, make_store
 from tolaria.snapshot import store as snap
 from tolaria.snapshot.contents import SnapshotInfo, device_of
 from tolaria.telemetry import TelemetryHub, get_hub
-from tolaria.vitals import Panic, Watch, check_number, gradient_norm
+from tolaria.vitals import check_number
+from tolaria.watch import Panic, Watch, gradient_norm
 
 logger = logging.getLogger(__name__)
 

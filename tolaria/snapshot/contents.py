@@ -220,7 +220,7 @@ def snapshot_events(
 
 def panic_event(panic: Any, device: str, ranks: tuple[int, ...], ranked: Callable[[Any, tuple[int, ...]], Any]
                 ) -> tm.TelemetryEvent:  # fmt: skip
-    """The GOVERNOR_PANIC event of a :class:`tolaria.vitals.Panic` (first sick tensor, the ranks
+    """The GOVERNOR_PANIC event of a :class:`tolaria.watch.Panic` (first sick tensor, the ranks
     that saw it, and the observed step of a deferred verdict in the message)."""
     sick = f" (first sick tensor: {panic.first_bad})" if panic.first_bad else ""
     seen = f" (seen by rank(s) {list(ranks)})" if ranks else ""
