@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -269,6 +270,39 @@ def test_strided_layout_change_rebuilds(device: str) -> None:
     odd = storage.as_strided((20, 10), (20, 1))  # same address, bytes and dtype; new strides
     assert plan.find_plan([odd]) is None
     assert check_tensors([("v", odd)], backend="triton").nan == [1]
+
+
+@pytest.mark.parametrize(
+    "make_view",
+    [lambda s: s[:4].expand(4, 4), lambda s: s.view(16, 4)[:, 0]],
+    ids=["expanded", "every-4th"],
+)
+def test_a_view_at_a_cached_plans_address_is_read_as_the_view(device: str, make_view: Callable) -> None:
+    from tolaria.health import plan
+
+    plan.clear_plans()
+    storage = torch.zeros(64, device=device)
+    assert check_tensors([("t", storage[:16])], backend="triton").healthy  # read in place at P
+    storage[1:4] = math.nan
+    storage[5:] = math.inf
+    view = make_view(storage)  # at P too, same dtype and byte size, not dense
+    assert view.data_ptr() == storage.data_ptr() and view.nbytes == storage[:16].nbytes
+    expected = reference_check(["t"], [view])
+    assert_matches(check_tensors([("t", view)], backend="triton"), expected, REL_TOL[torch.float32])
+
+
+def test_a_permuted_dense_tensor_is_read_in_place_only_while_its_layout_holds(device: str) -> None:
+    from tolaria.health import plan
+
+    plan.clear_plans()
+    storage = randn(40, torch.float32, device)
+    transposed = storage[:12].view(3, 4).t()  # dense, not contiguous: read in place
+    assert check_tensors([("t", transposed)], backend="triton").healthy
+    storage[20] = math.nan  # outside the 12 elements above
+    spread = storage.as_strided((4, 3), (1, 10))  # same address, bytes, dtype, contiguity; not dense
+    expected = reference_check(["t"], [spread])
+    assert expected.nan == [1]
+    assert_matches(check_tensors([("t", spread)], backend="triton"), expected, REL_TOL[torch.float32])
 
 
 def test_non_blocking_handle(device: str) -> None:

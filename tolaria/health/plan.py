@@ -11,8 +11,10 @@ Finding the plan of a call costs one ``data_ptr()`` (the cache key) and one ``id
 tensor when the set is trusted: the same live tensor objects as in the last two checks, on the
 same live storages. Weak references to each tensor and to each storage end the trust when one
 dies; two live storages never share an address, so a tensor whose ``.data`` moved away and back
-to the same address is on a new storage and is compared again. Any other set has every size and
-dtype compared, plus the strides of staged tensors. Not detected: an in-place metadata change of
+to the same address is on a new storage and is compared again. Any other set has every byte
+size, dtype and contiguity compared, plus shape and strides wherever contiguity alone does not
+prove that the kernel reads the right elements (staged tensors, and dense tensors read in place
+that are not contiguous, such as ``w.t()``). Not detected: an in-place metadata change of
 a trusted tensor on the same storage at the same address (``resize_``, ``as_strided_``,
 ``.data = p.data[:k]`` or ``.view(other_dtype)``); comparing metadata per call would double the
 host cost of a check.
@@ -60,6 +62,7 @@ _log = logging.getLogger(__name__)
 _data_ptr = torch.Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
 _dtype = attrgetter("dtype")
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def graphs_enabled() -> bool:
@@ -177,9 +180,10 @@ class TritonPlan:
         self.device = tensors[0].device
         self.num_tensors = len(tensors)
         self.addresses = tuple(map(_data_ptr, tensors))
-        self.metadata = (tuple(map(_nbytes, tensors)), tuple(map(_dtype, tensors)))
+        self.metadata = self._metadata(tensors)
         self.integers: list[int] = []
         self.staged: list[tuple[int, torch.Tensor]] = []  # (input index, staging buffer)
+        self._permuted: list[int] = []  # dense but not contiguous, read in place
         members: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
         for index, tensor in enumerate(tensors):
             if not tensor.is_floating_point():
@@ -195,8 +199,13 @@ class TritonPlan:
             if not in_place and tensor.numel():
                 source = torch.empty(tensor.shape, dtype=kernel_dtype, device=self.device)
                 self.staged.append((index, source))
+            elif in_place and not tensor.is_contiguous():
+                self._permuted.append(index)
             members.setdefault(kernel_dtype, []).append((index, source))
-        self.staged_layout = self._layout(tensors)
+        # Whose shape and strides a new call must match: a staged copy has this plan's shape,
+        # and a permuted dense tensor is read in place only while its layout is unchanged.
+        self._layout_checked = sorted([index for index, _ in self.staged] + self._permuted)
+        self.checked_layout = self._layout(tensors)
         self._build_tables(members, block, chunk_blocks)
         self.out = torch.empty((4, self.num_tensors), dtype=torch.float64, device=self.device)
 
@@ -264,17 +273,27 @@ class TritonPlan:
         self.partial_counts = torch.empty(3 * max(total, 1), dtype=torch.int32, device=self.device)
 
     # -- which calls this plan serves -------------------------------------------------------
+    @staticmethod
+    def _metadata(tensors: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], ...]:
+        # A contiguous tensor at a plan's address with the same byte size and dtype covers exactly
+        # the elements the plan reads there.
+        return (
+            tuple(map(_nbytes, tensors)),
+            tuple(map(_dtype, tensors)),
+            tuple(map(_is_contiguous, tensors)),
+        )
+
     def _layout(self, tensors: Sequence[torch.Tensor]) -> tuple:
-        return tuple((tensors[i].shape, tensors[i].stride()) for i, _ in self.staged)
+        return tuple((tensors[i].shape, tensors[i].stride()) for i in self._layout_checked)
 
     def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, strides."""
+        """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, layouts."""
         ids = tuple(map(id, tensors))
         if ids == self._trusted_ids and self._alive[0]:
             return True
-        if (tuple(map(_nbytes, tensors)), tuple(map(_dtype, tensors))) != self.metadata:
+        if self._metadata(tensors) != self.metadata:
             return False
-        if self.staged and self._layout(tensors) != self.staged_layout:
+        if self._layout_checked and self._layout(tensors) != self.checked_layout:
             return False
         if ids == self._seen_ids:
             self._trust(tensors, ids)
