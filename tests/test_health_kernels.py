@@ -379,6 +379,21 @@ def test_cuda_auto_and_graph_replay_see_new_data() -> None:
 
 
 @pytest.mark.cuda
+def test_cuda_graph_trials_share_one_capture_stream_apart_from_default_priority_streams() -> None:
+    from tolaria.health import plan
+
+    plan.clear_plans()
+    for size in (1000, 2000, 3000):  # three plans, each captured at its first reuse
+        tensors = [(f"p{i}", torch.randn(size + i, device="cuda")) for i in range(3)]
+        for _ in range(3):
+            assert check_tensors(tensors, backend="triton").healthy
+    streams = plan._CUDA.capture_streams
+    assert len(streams) == 1
+    (stream,) = streams.values()
+    assert stream.priority < torch.cuda.Stream().priority
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture_does_not_synchronize() -> None:
     from tolaria.health import plan
 

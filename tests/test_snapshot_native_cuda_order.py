@@ -153,3 +153,32 @@ def test_make_stream_wait_waits_on_released_not_done(monkeypatch: pytest.MonkeyP
     assert log == [("wait", "released", CALLER)]
     assert store._pending.done is events.done
     store._pending = None
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto-without-triton"])
+def test_a_synchronous_health_check_is_announced_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, backend: str
+) -> None:
+    log = _Log()
+    engine = _engine(monkeypatch, log)
+    if backend != "reference":
+        monkeypatch.setattr(native_cuda, "triton_status", lambda: (False, "triton unavailable (test)"))
+    plan = _plan(direct=[0], ordered=[], sources=[])
+    staging = SimpleNamespace(copier=_Copier(log), slot_views=[])
+    with caplog.at_level("WARNING", logger=native_cuda.__name__):
+        for _ in range(2):
+            engine.capture(plan, staging, (torch.ones(1),), backend.split("-")[0])  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if "waits for the parameters" in r.getMessage()]
+    assert len(warnings) == 1 and "Install Triton" in warnings[0]
+
+
+def test_the_triton_check_is_not_announced(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _Log()
+    engine = _engine(monkeypatch, log)
+    monkeypatch.setattr(native_cuda, "triton_status", lambda: (True, "triton compiled (CUDA tensors)"))
+    plan = _plan(direct=[0], ordered=[], sources=[])
+    with caplog.at_level("WARNING", logger=native_cuda.__name__):
+        engine.capture(plan, SimpleNamespace(copier=_Copier(log), slot_views=[]), (torch.ones(1),), "auto")  # type: ignore[arg-type]
+    assert not caplog.records

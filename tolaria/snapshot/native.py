@@ -45,6 +45,9 @@ memory and a device-to-device copy on the caller's stream).
 
 ``capture()`` returns while the copy runs: the health check enqueued with it never blocks the
 host (its one-time CUDA-graph trial is compared on the device, see :mod:`tolaria.health.plan`).
+That takes the Triton check: with ``health_backend="reference"``, or without Triton, the check
+of the device tensors reads its result on the host, so ``capture()`` waits for the side stream
+up to the check (the caller's queued work and the parameters' copy); a warning says so once.
 
 Restore: synchronize the device, one batched host→device copy from the committed arena into
 the live tensors on the side stream, synchronize that stream; non-contiguous or moved targets go

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tolaria.health import HealthHandle, check_tensors
+from tolaria.health import HealthHandle, check_tensors, triton_status
 from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class CudaEngine:
         self._native = native
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._events: dict[int, tuple[Any, Any, Any]] = {}
+        self._warned_synchronous = False
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device_index(device)
@@ -105,6 +106,8 @@ class CudaEngine:
         for key_index, is_complex in plan.direct_checks:
             tensor = tensors[key_index]
             checks.append((plan.keys[key_index], torch.view_as_real(tensor) if is_complex else tensor))
+        if checks:
+            self._warn_if_synchronous(health_backend)
         with torch.cuda.stream(side):
             health = check_tensors(checks, backend=health_backend, blocking=False)
         released.record(side.cuda_stream)
@@ -112,6 +115,22 @@ class CudaEngine:
             copier.capture_device(scratch.addresses, side.cuda_stream, index, plan.ordered)
         done.record(side.cuda_stream)
         return health, CaptureEvents(released, done)
+
+    def _warn_if_synchronous(self, health_backend: str) -> None:
+        """Once: without Triton the check of the device tensors is the reference, which reads its
+        result on the host, so capture() waits for the side stream up to that check."""
+        if self._warned_synchronous:
+            return
+        if health_backend == "triton" or (health_backend == "auto" and triton_status()[0]):
+            return
+        self._warned_synchronous = True
+        logger.warning(
+            "snapshot capture on CUDA waits for the parameters' device-to-host copy: its health check "
+            "uses the pure-PyTorch reference (health_backend=%r%s), which reads its result on the host. "
+            "Install Triton (pip install 'tolaria[triton]') for a capture that returns at once.",
+            health_backend,
+            "" if health_backend == "reference" else ", Triton unavailable",
+        )
 
     def restore(self, lkg: HostBuffer, addresses: list[int], slots: list[int]) -> None:
         """Device sync, batched host→device copies on the side stream, side-stream sync."""
