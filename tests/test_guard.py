@@ -90,6 +90,20 @@ def test_grad_norm_is_computed_when_the_governor_does_not_check_gradients() -> N
     assert outcome.grad_norm == pytest.approx(float(expected))
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["blocking", "deferred"])
+def test_grad_norm_covers_the_model_even_when_the_optimizer_trains_part_of_it(deferred: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.05)
+    guard = GuardedStep(
+        TolariaGovernor(model, optimizer=optimizer), optimizer, track_grad_norm=True, deferred=deferred
+    )
+    inputs = torch.randn(16, 4)
+    outcome = guard(lambda: model(inputs).pow(2).mean())
+    norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
+    assert outcome.grad_norm == pytest.approx(float(torch.linalg.vector_norm(norms)))
+
+
 def test_nan_loss_rolls_back_to_the_last_known_good_without_backward_or_step(events) -> None:
     rig = Rig()
     lkg = rig.weights()  # the constructor's snapshot

@@ -379,18 +379,23 @@ def test_cuda_auto_and_graph_replay_see_new_data() -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_graph_trials_share_one_capture_stream_apart_from_default_priority_streams() -> None:
+def test_cuda_graph_trials_capture_on_one_stream_per_calling_stream() -> None:
     from tolaria.health import plan
 
     plan.clear_plans()
-    for size in (1000, 2000, 3000):  # three plans, each captured at its first reuse
-        tensors = [(f"p{i}", torch.randn(size + i, device="cuda")) for i in range(3)]
-        for _ in range(3):
-            assert check_tensors(tensors, backend="triton").healthy
+    plan._CUDA.capture_streams.clear()
+    side = torch.cuda.Stream()
+    for size in (1000, 2000, 3000):  # three plans, each captured at its first reuse...
+        for stream in (torch.cuda.current_stream(), side):  # ...from two calling streams
+            with torch.cuda.stream(stream):
+                tensors = [(f"p{i}", torch.randn(size + i, device="cuda")) for i in range(3)]
+                for _ in range(3):
+                    assert check_tensors(tensors, backend="triton").healthy
     streams = plan._CUDA.capture_streams
-    assert len(streams) == 1
-    (stream,) = streams.values()
-    assert stream.priority < torch.cuda.Stream().priority
+    assert sorted(key[1] for key in streams) == sorted(
+        [torch.cuda.current_stream().cuda_stream, side.cuda_stream]
+    )
+    assert all(stream.priority < side.priority for stream in streams.values())
 
 
 @pytest.mark.cuda

@@ -2,8 +2,9 @@
 
 The interpreter runs the kernels' Python semantics on CPU tensors, but it accepts programs the
 compiler rejects (types, pointer casts, layouts) and says nothing about the code the GPU would
-run. Here every kernel variant the plan launches (recorded from a real check, so the argument
-types are the ones the plan passes) is lowered to PTX and a cubin for sm_80 (A100) and sm_90
+run. Here every kernel variant the plan launches (recorded from a real check: the argument
+types the plan passes, and the 16-byte alignment of its pointers, on which Triton's launcher
+specializes as it does on a GPU) is lowered to PTX and a cubin for sm_80 (A100) and sm_90
 (H100/H200) with the ptxas shipped in the Triton wheel, and the PTX is read for what the design
 promises: no atomics (the result is deterministic), and every full block of the hot loop and of
 the counting loop read with 16-byte vector loads.
@@ -66,6 +67,7 @@ for call in json.loads(sys.argv[1]):
         fn=fn,
         signature=signature,
         constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
+        attrs={(index,): [["tt.divisibility", 16]] for index in call["aligned"]},
     )
     for arch in call["archs"]:
         options = {"num_warps": call["num_warps"]}
@@ -92,10 +94,12 @@ class _Recorder:
 
     def __getitem__(self, grid: object) -> Any:
         def launch(*args: object, num_warps: int, **constants: object) -> None:
-            signature = {}
-            for name, value in zip(self.arg_names, args, strict=False):
+            signature, aligned = {}, []
+            for index, (name, value) in enumerate(zip(self.arg_names, args, strict=False)):
                 if isinstance(value, torch.Tensor):
                     signature[name] = "*" + _TYPE_NAMES[value.dtype]
+                    if value.data_ptr() % 16 == 0:
+                        aligned.append(index)
                 else:
                     assert isinstance(value, int) and abs(value) < 2**31, (name, value)
                     signature[name] = "i32"
@@ -103,9 +107,8 @@ class _Recorder:
                 key: {"dtype": str(value)} if isinstance(value, triton.language.dtype) else value
                 for key, value in constants.items()
             }
-            self.calls.append(
-                {"kernel": self.name, "signature": signature, "constants": encoded, "num_warps": num_warps}
-            )
+            call = {"kernel": self.name, "signature": signature, "constants": encoded, "aligned": aligned}
+            self.calls.append(dict(call, num_warps=num_warps))
 
         return launch
 

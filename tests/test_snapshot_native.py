@@ -195,6 +195,49 @@ def test_a_tie_broken_after_the_capture_restores_both_tensors() -> None:
     assert _same_bits(state["head.weight"], expected) and _same_bits(state["embed.weight"], expected)
 
 
+def test_a_shape_changed_after_the_capture_is_refused_before_anything_is_written() -> None:
+    weight = nn.Parameter(_random((4, 4), torch.float32))
+    strided = _random((5, 4), torch.float32, 1).t()  # restored through Tensor.copy_
+    state = {"a": nn.Parameter(_random((4,), torch.float32, 2)), "w": weight, "s": strided}
+    store = NativeSnapshotStore()
+    _committed(store, state)
+    weight.data = weight.data.view(2, 8)  # the same object and bytes, another shape
+    state["a"].data.zero_()
+    with pytest.raises(SnapshotMismatchError, match="w: live"):
+        store.restore(state)
+    assert bool((state["a"] == 0).all())  # nothing written
+
+
+def test_a_tie_formed_after_the_capture_gets_the_first_keys_value() -> None:
+    a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.full((4,), 2.0))
+    state = {"a": a, "b": b}
+    store = NativeSnapshotStore()
+    _committed(store, state)
+    b.data = a.data  # one memory for both keys now; the full path writes the first key's value
+    a.data.zero_()
+    store.restore(state)
+    assert a.tolist() == [1.0] * 4 and b.data_ptr() == a.data_ptr()
+
+
+@pytest.mark.parametrize("targets", ["captured", "fresh"])
+def test_lazy_negative_and_conjugate_views_keep_their_values_apart_from_their_bases(targets: str) -> None:
+    real = _random((4,), torch.float32)
+    cplx = torch.randn(3, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    state = {"real": real, "neg": torch._neg_view(real), "cplx": cplx, "conj": cplx.conj()}
+    expected = {k: v.resolve_neg().resolve_conj().clone() for k, v in state.items()}
+    store = NativeSnapshotStore()
+    _committed(store, state)
+    lkg = store.last_good_state
+    assert all(torch.equal(lkg[k].resolve_neg().resolve_conj(), expected[k]) for k in state)
+    if targets == "fresh":
+        state = {k: torch.zeros_like(v.resolve_neg().resolve_conj()) for k, v in state.items()}
+    else:
+        real.zero_()
+        cplx.zero_()
+    store.restore(state)
+    assert all(torch.equal(state[k].resolve_neg().resolve_conj(), expected[k]) for k in state)
+
+
 def test_parameters_and_batchnorm_buffers_restore_in_place() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))

@@ -143,6 +143,7 @@ def test_snapshot_returns_before_the_copy_completes() -> None:
     still_copying = not marker.query()  # 1 GiB device->host takes tens of ms
     assert ticket.in_flight and still_copying
     assert store.resolve().committed
+    marker.synchronize()
 
 
 def test_the_optimizer_waits_for_the_parameters_not_for_the_optimizer_state() -> None:
@@ -165,7 +166,6 @@ def test_the_optimizer_waits_for_the_parameters_not_for_the_optimizer_state() ->
     resolution = store.resolve()
     assert resolution.committed
     assert bool((store.last_good_state["exp_avg"] == 1.0).all())
-    marker.synchronize()
 
 
 def test_restore_waits_for_queued_work_then_writes() -> None:

@@ -58,7 +58,7 @@ class StepOutcome:
         step: index of the call (0-based); rolled-back attempts count too.
         loss: the closure's loss as a float, exactly as seen (NaN/Inf included); NaN in deferred
             mode for a CUDA loss unless ``synchronize`` is on (no host read there).
-        grad_norm: global L2 norm of the gradients after backward, when ``track_grad_norm`` is on
+        grad_norm: global L2 norm of the model's gradients after backward, when ``track_grad_norm`` is on
             and backward ran; None otherwise.
         panic_reason: the Governor's panic reason (``governor_nan``, ``governor_lobotomy``, ...),
             None for a healthy step.
@@ -114,10 +114,11 @@ class GuardedStep:
         optimizer: the optimizer that trains the governed model.
         snapshot_every: healthy steps between snapshots (>= 1). The Governor's constructor took
             the first one.
-        track_grad_norm: report the global gradient L2 norm in :attr:`StepOutcome.grad_norm`. The
-            blocking checks already compute it (``governor.last_grad_norm``) when the governor
-            checks gradients; otherwise, and with ``deferred=True`` (whose verdicts arrive steps
-            later), it costs one extra read of every gradient and a device sync on GPU.
+        track_grad_norm: report the global L2 norm of the governed model's gradients in
+            :attr:`StepOutcome.grad_norm`. The blocking checks already compute it
+            (``governor.last_grad_norm``) when the governor checks gradients; otherwise, and with
+            ``deferred=True`` (whose verdicts arrive steps later), it costs one extra read of
+            every gradient and a device sync on GPU.
         synchronize: on CUDA, synchronize the device before reading each timer, so the seconds in
             :class:`StepOutcome` measure device work, not just kernel launches (costs the overlap).
         env_id: passed to ``execute_rollback`` (identifies the environment in telemetry).
@@ -179,8 +180,9 @@ class GuardedStep:
         return time.perf_counter()
 
     def _grad_norm(self) -> float | None:
-        params = (p for group in self.optimizer.param_groups for p in group["params"])
-        grads = [p.grad for p in params if p.grad is not None]
+        # The governed model's gradients, the ones the health check reads: one meaning of
+        # grad_norm whichever path computes it (an optimizer may train only part of the model).
+        grads = [p.grad for p in self.governor.model.parameters() if p.grad is not None]
         if not grads:
             return None
         norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])

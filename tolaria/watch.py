@@ -2,7 +2,7 @@
 
 :class:`Watch` owns the detectors (:class:`tolaria.vitals.LossMonitor` for the loss, a
 :class:`tolaria.vitals.SpikeDetector` for the global gradient norm) and the one
-:class:`Panic` awaiting a rollback. It judges a loss (:meth:`Watch.check_loss`) or a health
+:class:`Panic` awaiting a rollback. It judges a loss (:meth:`Watch.observe_loss`) or a health
 report over parameters and gradients (:meth:`Watch.observe_tensors`); the Governor decides what
 to do with the verdict.
 """

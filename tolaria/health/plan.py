@@ -108,7 +108,7 @@ class DeviceRuntime:
         # What Triton itself uses: the current stream as an int, without building a Stream.
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self.raw_stream: Callable[[int], int] = raw or (lambda i: torch.cuda.current_stream(i).cuda_stream)
-        self.capture_streams: dict[int, torch.cuda.Stream] = {}
+        self.capture_streams: dict[tuple[int, int], torch.cuda.Stream] = {}
 
     current_device = staticmethod(torch.cuda.current_device)
     device = staticmethod(torch.cuda.device)
@@ -120,23 +120,25 @@ class DeviceRuntime:
     def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
-    def _capture_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """One stream per device for every capture (capture needs a stream other than the legacy
-        one). torch hands streams out round-robin from a small pool per priority: a new one per
-        capture would sooner or later be the snapshot engine's side stream, and the caller would
-        then wait on its copies. The high-priority pool keeps it apart from default-priority
-        streams; nothing but the captures' stream dependencies ever runs on it."""
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = self.capture_streams.get(index)
+    def _capture_stream(self, device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.Stream:
+        """The stream that captures for ``caller`` (capture needs a stream other than the legacy
+        one): one per calling stream, created once. torch hands streams out round-robin from a
+        small pool per priority, so a new one per capture would sooner or later be the snapshot
+        engine's side stream; and one shared by all callers would chain them (each capture
+        waits on its caller and its caller on it), making the training stream wait for a
+        snapshot's copies. The high-priority pool keeps these apart from default-priority
+        streams; nothing but the captures' stream dependencies ever runs on them."""
+        key = (caller.device_index, caller.cuda_stream)
+        stream = self.capture_streams.get(key)
         if stream is None:
-            stream = self.capture_streams[index] = torch.cuda.Stream(device=index, priority=-1)
+            stream = self.capture_streams[key] = torch.cuda.Stream(device=device, priority=-1)
         return stream
 
     def capture(self, device: torch.device, enqueue: Callable[[], None]) -> Any:
         """Record what ``enqueue`` launches as a CUDA graph; executes nothing."""
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(device)
-        side = self._capture_stream(device)
+        side = self._capture_stream(device, current)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):

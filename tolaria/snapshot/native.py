@@ -296,9 +296,9 @@ class NativeSnapshotStore(BufferedStore):
             targets = list(targets)  # read once: both paths below go through it
         lkg = self._lkg
         if lkg is not None:
-            recognised = self._recognised_targets(lkg.plan, targets)
-            if recognised is not None:
-                return self._restore_recognised(lkg, recognised)
+            routed = self._routed_targets(lkg.plan, targets)
+            if routed is not None:
+                return self._restore_routed(lkg, *routed)
         items = normalize_named_tensors(targets, argument="targets")
         if lkg is None:
             raise RuntimeError("no committed Last Known Good snapshot to restore")
@@ -335,23 +335,27 @@ class NativeSnapshotStore(BufferedStore):
             unexpected_keys=tuple(key for key in plan.keys if key not in target_keys),
         )
 
-    def _recognised_targets(self, plan: ArenaPlan, targets: NamedTensors) -> tuple[torch.Tensor, ...] | None:
-        """The targets' tensors when they are the very objects the LKG's plan last captured, under
-        the same keys, with unchanged dtypes, devices, contiguity, byte sizes and ties (the
-        Governor's rollback); else None. Like a recognised capture, a same-size reshape swapped
-        in with ``p.data = ...`` goes unnoticed: its bytes are restored exactly."""
+    def _routed_targets(
+        self, plan: ArenaPlan, targets: NamedTensors
+    ) -> tuple[tuple[torch.Tensor, ...], list[int]] | None:
+        """The targets' tensors and by-address routes when they are the very objects the LKG's
+        plan last captured, unchanged in everything the full path checks (the Governor's
+        rollback); else None. See :meth:`ArenaPlan.restore_routes`."""
         try:
             keys, tensors = self._read(targets)
         except (TypeError, ValueError):
             return None  # malformed: the full path raises the documented error
-        return tensors if plan.recognises_restore_targets(keys, tensors) else None
+        addresses = plan.restore_routes(keys, tensors)
+        return None if addresses is None else (tensors, addresses)
 
-    def _restore_recognised(self, lkg: HostBuffer, tensors: tuple[torch.Tensor, ...]) -> RestoreResult:
+    def _restore_routed(
+        self, lkg: HostBuffer, tensors: tuple[torch.Tensor, ...], addresses: list[int]
+    ) -> RestoreResult:
         """Restore without a per-key walk: the plan already knows every slot's route."""
         self._discard_pending()
         plan = lkg.plan
         fallback = [(tensors[plan.slot_key[slot]], lkg.slot_views[slot]) for slot in plan.restore_copied]
-        self._write_back(lkg, plan.restore_addresses(tensors), plan.restore_direct, fallback)
+        self._write_back(lkg, addresses, plan.restore_direct, fallback)
         return RestoreResult(restored_keys=plan.keys, missing_keys=(), unexpected_keys=())
 
     def _write_back(

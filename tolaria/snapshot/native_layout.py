@@ -31,15 +31,19 @@ from typing import Any
 
 import torch
 
-# Column by column: keys, dtypes, shapes, devices, contiguity, types. Any change to these forces
+# Column by column: keys, dtypes, shapes, devices, contiguity, types, lazy negation (a view
+# whose bytes are the negated values, torch._neg_view). Any change to these forces
 # a new plan; data addresses may change freely (they are read on every capture).
 Signature = tuple[tuple[Any, ...], ...]
 
 _PARAMETER_TYPES: dict[type, bool] = {}
 _dtype = attrgetter("dtype")
 _shape = attrgetter("shape")
+# The same torch.Size, without the Python-level attribute lookup that Parameter subclasses pay.
+_size = torch._C.TensorBase.size
 _device = attrgetter("device")
 _is_contiguous = torch.Tensor.is_contiguous
+_is_neg = torch.Tensor.is_neg
 _data_ptr = torch.Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
 
@@ -54,6 +58,7 @@ def signature_of(keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Si
         tuple(map(_device, tensors)),
         tuple(map(_is_contiguous, tensors)),
         tuple(map(type, tensors)),
+        tuple(map(_is_neg, tensors)),
     )
 
 
@@ -145,7 +150,11 @@ class ArenaPlan:
             if tensor.numel() == 0:
                 key_group.append(-1)
                 continue
-            ident = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+            # A conjugate or negative view reads other values from the same memory: not a tie.
+            ident = (
+                tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
+                tensor.is_conj(), tensor.is_neg(),
+            )  # fmt: skip
             group = groups.setdefault(ident, len(group_first))
             if group == len(group_first):
                 group_first.append(index)
@@ -172,12 +181,13 @@ class ArenaPlan:
         self.direct: list[int] = []
         self.ordered: list[int] = []
         self.foreign: list[int] = []
-        _, _, _, devices, contiguous, types = signature
+        _, _, _, devices, contiguous, types, negated = signature
         for slot, key_index in enumerate(self.slot_key):
             if devices[key_index] != self.device:
                 self.foreign.append(slot)
-            elif not contiguous[key_index] or self.slot_dtype[slot].is_complex:
-                # Complex tensors may carry a lazy conjugate bit that raw bytes do not show.
+            elif not contiguous[key_index] or self.slot_dtype[slot].is_complex or negated[key_index]:
+                # Lazy conjugate (complex) and negative bits are not in the raw bytes: these go
+                # through Tensor.copy_, which applies them.
                 (self.ordered if on_cuda else self.foreign).append(slot)
             elif on_cuda and not _is_parameter_type(types[key_index]):
                 self.ordered.append(slot)
@@ -188,13 +198,14 @@ class ArenaPlan:
         self._pick_direct = _picker(self.direct_keys)
         # A restore into the captured tensors themselves writes by address every slot whose
         # tensor is contiguous on the plan's device (buffers too: nothing is in flight then) and
-        # not complex (a lazy conjugate bit); the rest go through Tensor.copy_.
+        # has no lazy conjugate or negative bit; the rest go through Tensor.copy_.
         self.restore_direct = [
             slot
             for slot, key_index in enumerate(self.slot_key)
             if devices[key_index] == self.device
             and contiguous[key_index]
             and not self.slot_dtype[slot].is_complex
+            and not negated[key_index]
         ]
         restored = set(self.restore_direct)
         self.restore_copied = [slot for slot in range(len(reps)) if slot not in restored]
@@ -211,14 +222,20 @@ class ArenaPlan:
         """The data addresses of the ``direct`` slots' tensors, in slot order."""
         return _addresses(self._pick_direct, tensors)
 
-    def restore_addresses(self, tensors: Sequence[torch.Tensor]) -> list[int]:
-        """The data addresses of the ``restore_direct`` slots' tensors, in slot order."""
-        return _addresses(self._pick_restore, tensors)
+    def restore_routes(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> list[int] | None:
+        """The addresses of the ``restore_direct`` slots' tensors when ``tensors`` may be restored
+        by the plan's routes without a per-key walk, else None (the caller takes the full path).
 
-    def recognises_restore_targets(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
-        """:meth:`recognises` and :meth:`ties_hold`: restore may then write by the plan's routes
-        without a per-key walk (with the same blind spot as a recognised capture)."""
-        return self.recognises(keys, tensors) and self.ties_hold(tensors)
+        That needs everything the full path checks: the very objects last captured
+        (:meth:`recognises`), unchanged shapes (the full path refuses a changed one before
+        writing anything), the known ties, and no new ones (two slots written to one address).
+        """
+        if not (self.recognises(keys, tensors) and self.ties_hold(tensors)):
+            return None
+        if tuple(map(_size, tensors)) != self.signature[2]:
+            return None
+        addresses = _addresses(self._pick_restore, tensors)
+        return addresses if len(set(addresses)) == len(addresses) else None
 
     def recognises(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
         """Whether ``tensors`` are the very objects last captured with this plan, under the same
