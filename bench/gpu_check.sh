@@ -30,8 +30,9 @@ step cuda-tests 240 $python -m pytest -m cuda -q -rfE -p no:cacheprovider --dura
 quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 step bench 420 $python -m bench.runner --device cuda "${quick[@]}" --out "$OUT" --no-csv
-# The CSV rows go to $OUT so that the caller commits them under bench/results/.
-$python - "$OUT" <<'PY'
+# The CSV rows go to $OUT so that the caller commits them under bench/results/ (bench.json is
+# rewritten after each scenario group, so a run stopped by its limit still has rows).
+[ -f "$OUT/bench.json" ] && $python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
@@ -47,4 +48,13 @@ echo
 echo "== summary"
 cat "$OUT/gpu.txt"
 printf '%s\n' "${status[@]}"
-[ -f "$OUT/bench.json" ] && $python -c "import json,sys; [print('-', l) for l in json.load(open(sys.argv[1]))['summary']]" "$OUT/bench.json"
+[ -f "$OUT/bench.json" ] && $python - "$OUT/bench.json" <<'PY'
+import json, sys
+data = json.load(open(sys.argv[1]))
+for line in data["summary"]:
+    print("-", line)
+for error in data.get("errors", []):
+    print("! scenario group failed:", error)
+if not data.get("complete", True):
+    print("! bench.json is partial: the bench stopped before its last scenario group")
+PY

@@ -19,8 +19,16 @@ from torch import nn
 class LegacyGovernor:
     """The old approach: pageable snapshots, loss-only vital signs, per-tensor isfinite."""
 
-    def __init__(self, model: nn.Module, *, sensitivity: float = 6.0, multiplier: float = 3.0,
-                 absolute_threshold: float = 12.0, history_window: int = 20, min_panics: int = 3) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sensitivity: float = 6.0,
+        multiplier: float = 3.0,
+        absolute_threshold: float = 12.0,
+        history_window: int = 20,
+        min_panics: int = 3,
+    ) -> None:
         self.model = model
         self.sensitivity = sensitivity
         self.multiplier = multiplier

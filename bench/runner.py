@@ -114,18 +114,38 @@ def summary_lines(rows: Sequence[Measurement]) -> list[str]:
             *health_bench.summary(list(rows))]  # fmt: skip
 
 
-def run_all(device: str, quick: bool, advance: Callable[[str], None]) -> list[Measurement]:
-    """Run every scenario; ``advance(name)`` is called as each group finishes."""
+#: The scenario groups, in the order they run: (name, rows for (device, quick)).
+GROUPS: tuple[tuple[str, Callable[[str, bool], list[Measurement]]], ...] = (
+    ("training loop", training_bench.training_rows),
+    ("rollback", training_bench.rollback_rows),
+    ("snapshot and restore", snapshot_bench.run),
+    ("health", health_bench.run),
+)
+
+
+def run_all(
+    device: str,
+    quick: bool,
+    advance: Callable[[str], None],
+    save: Callable[[list[Measurement], list[str]], None] | None = None,
+) -> tuple[list[Measurement], list[str]]:
+    """Run every scenario group; returns the rows and one line per group that raised.
+
+    A group that raises does not stop the others (a GPU lease is too short to lose a whole run
+    to one scenario); ``advance(name)`` and then ``save(rows, errors)`` follow each group, so a
+    run killed by a time limit leaves what it had measured.
+    """
     rows: list[Measurement] = []
-    rows += training_bench.training_rows(device, quick)
-    advance("training loop")
-    rows += training_bench.rollback_rows(device, quick)
-    advance("rollback")
-    rows += snapshot_bench.run(device, quick)
-    advance("snapshot and restore")
-    rows += health_bench.run(device, quick)
-    advance("health")
-    return rows
+    errors: list[str] = []
+    for name, run in GROUPS:
+        try:
+            rows += run(device, quick)
+        except Exception as error:  # noqa: BLE001 (reported in the output and the exit status)
+            errors.append(f"{name}: {type(error).__name__}: {error}")
+        advance(name)
+        if save is not None:
+            save(rows, errors)
+    return rows, errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,33 +167,40 @@ def run_command(args: argparse.Namespace) -> int:
     # A benchmark rolls back on purpose; its telemetry would drown the table.
     logging.getLogger("tolaria").setLevel(logging.ERROR)
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    label = device_label(device)
+    sha = _git_sha()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write_json(rows: list[Measurement], errors: list[str], *, complete: bool) -> None:
+        payload = {"device": label, "torch": torch.__version__, "tolaria": __version__, "git_sha": sha,
+                   "timestamp": stamp, "quick": args.quick, "complete": complete, "errors": errors,
+                   "summary": summary_lines(rows),
+                   "rows": [{**r.as_dict(), "baseline": baseline_of(r.scenario)} for r in rows]}  # fmt: skip
+        (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task("training loop", total=4)
+        task = progress.add_task(GROUPS[0][0], total=len(GROUPS))
 
         def advance(done: str) -> None:
             progress.update(task, advance=1, description=f"{done} done")
 
-        rows = run_all(device, args.quick, advance)
-    label = device_label(device)
-    sha = _git_sha()
-    lines = summary_lines(rows)
-    print_report(f"tolaria bench on {label} (torch {torch.__version__}, tolaria {__version__}, {sha})",
-                 rows, lines, baseline_of)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"device": label, "torch": torch.__version__, "tolaria": __version__, "git_sha": sha,
-               "timestamp": stamp, "quick": args.quick, "summary": lines,
-               "rows": [{**r.as_dict(), "baseline": baseline_of(r.scenario)} for r in rows]}  # fmt: skip
-    (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot_overheads(rows, args.out / "overhead.png", title=f"tolaria bench — {label}")
-    if not args.no_csv:
-        append_csv(rows, RESULTS_CSV, stamp=stamp, sha=sha)
-    console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'overhead.png'}"
-                  + ("" if args.no_csv else f", appended {len(rows)} rows to {RESULTS_CSV}"))  # fmt: skip
+        rows, errors = run_all(device, args.quick, advance,
+                               lambda rows, errors: write_json(rows, errors, complete=False))  # fmt: skip
+    write_json(rows, errors, complete=True)
+    if rows:
+        print_report(f"tolaria bench on {label} (torch {torch.__version__}, tolaria {__version__}, {sha})",
+                     rows, summary_lines(rows), baseline_of)  # fmt: skip
+        plot_overheads(rows, args.out / "overhead.png", title=f"tolaria bench — {label}")
+        if not args.no_csv:
+            append_csv(rows, RESULTS_CSV, stamp=stamp, sha=sha)
+        console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'overhead.png'}"
+                      + ("" if args.no_csv else f", appended {len(rows)} rows to {RESULTS_CSV}"))  # fmt: skip
+    for error in errors:
+        console.print(f"[red]scenario group failed[/] {error}")
     if not all_finished(rows):
         console.print("a measurement did not finish")
-        return 1
-    return 0
+    return 1 if errors or not rows or not all_finished(rows) else 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_run_command_writes_json_png_csv_and_prints_ratios_first(
 ) -> None:
     csv_path = tmp_path / "results.csv"
     monkeypatch.setattr(runner, "RESULTS_CSV", csv_path)
-    monkeypatch.setattr(runner, "run_all", lambda device, quick, advance: _rows())
+    monkeypatch.setattr(runner, "run_all", lambda device, quick, advance, save: (_rows(), []))
     args = runner.argparse.Namespace(device="cpu", quick=True, out=tmp_path / "out", no_csv=False)
     assert runner.run_command(args) == 0
     out = capsys.readouterr().out
@@ -67,8 +67,38 @@ def test_run_command_writes_json_png_csv_and_prints_ratios_first(
     assert "legacy adds +100.0% to the step time" in out
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len(data["rows"]) == len(_rows()) and data["quick"] is True
+    assert data["complete"] is True and data["errors"] == []
     assert (tmp_path / "out" / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert csv_path.exists()
+
+
+def test_a_failing_group_keeps_the_others_and_each_group_is_saved_as_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved: list[int] = []
+    out = tmp_path / "out"
+
+    def training_rows(device: str, quick: bool) -> list[Measurement]:
+        return _rows()[:3]
+
+    def broken(device: str, quick: bool) -> list[Measurement]:
+        # The first group's rows are already on disk when the second one fails.
+        saved.append(len(json.loads((out / "bench.json").read_text())["rows"]))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def health_rows(device: str, quick: bool) -> list[Measurement]:
+        return _rows()[5:]
+
+    groups = (("training loop", training_rows), ("snapshot and restore", broken), ("health", health_rows))
+    monkeypatch.setattr(runner, "GROUPS", groups)
+    args = runner.argparse.Namespace(device="cpu", quick=True, out=out, no_csv=True)
+    assert runner.run_command(args) == 1
+    assert saved == [3]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["complete"] is True and len(data["rows"]) == 5
+    assert data["errors"] == [
+        "snapshot and restore: RuntimeError: CUDA error: an illegal memory access was encountered"
+    ]
 
 
 def test_legacy_governor_snapshots_checks_and_rolls_back() -> None:
