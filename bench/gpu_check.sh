@@ -43,6 +43,8 @@ data = json.loads((out / "bench.json").read_text())
 rows = [Measurement(**{k: v for k, v in r.items() if k != "baseline"}) for r in data["rows"]]
 append_csv(rows, out / "results.csv", stamp=data["timestamp"], sha=data["git_sha"], torch_version=data["torch"])
 PY
+# The demo on the GPU: every scheduled fault detected, rolled back and recovered from (exit 0).
+step demo 120 $python -m tolaria demo --device cuda --out "$OUT/demo"
 step full-suite "${FULL_SUITE_LIMIT:-240}" $python -m pytest -q -x -rfE -p no:cacheprovider -m "not cuda"
 echo
 echo "== summary"
