@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script to run on a lent GPU machine (no network there): build, CUDA tests, bench,
+# The one script to run on a lent GPU machine (no network there): build, CUDA tests, bench, the demo,
 # then the whole suite. Everything lands under $OUT (logs, bench.json, results CSV, PNG), and a
 # short summary is printed last. Budget: under 8 minutes on an H100.
 #   OUT=/tmp/out bash bench/gpu_check.sh          # full
