@@ -44,7 +44,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from tolaria.health import triton_kernels as kernels
+from tolaria.health.device import DeviceRuntime
 from tolaria.health.reference import integer_norm
 from tolaria.health.report import PendingHealth, ResultSlot
 
@@ -101,58 +102,7 @@ def clear_plans() -> None:
     _plans.clear()
 
 
-class DeviceRuntime:
-    """Every CUDA call of a device check, in one place, so CPU tests can drive it with a fake."""
-
-    def __init__(self) -> None:
-        # What Triton itself uses: the current stream as an int, without building a Stream.
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        self.raw_stream: Callable[[int], int] = raw or (lambda i: torch.cuda.current_stream(i).cuda_stream)
-        self.capture_streams: dict[tuple[int, int], torch.cuda.Stream] = {}
-
-    current_device = staticmethod(torch.cuda.current_device)
-    device = staticmethod(torch.cuda.device)
-    current_stream = staticmethod(torch.cuda.current_stream)
-
-    def event(self) -> Any:
-        return torch.cuda.Event()
-
-    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-
-    def _capture_stream(self, device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.Stream:
-        """The stream that captures for ``caller`` (capture needs a stream other than the legacy
-        one): one per calling stream, created once. torch hands streams out round-robin from a
-        small pool per priority, so a new one per capture would sooner or later be the snapshot
-        engine's side stream; and one shared by all callers would chain them (each capture
-        waits on its caller and its caller on it), making the training stream wait for a
-        snapshot's copies. The high-priority pool keeps these apart from default-priority
-        streams; nothing but the captures' stream dependencies ever runs on them."""
-        key = (caller.device_index, caller.cuda_stream)
-        stream = self.capture_streams.get(key)
-        if stream is None:
-            stream = self.capture_streams[key] = torch.cuda.Stream(device=device, priority=-1)
-        return stream
-
-    def capture(self, device: torch.device, enqueue: Callable[[], None]) -> Any:
-        """Record what ``enqueue`` launches as a CUDA graph; executes nothing."""
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(device)
-        side = self._capture_stream(device, current)
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    enqueue()
-                finally:
-                    graph.capture_end()
-        finally:
-            current.wait_stream(side)
-        return graph
-
-
-_CUDA = DeviceRuntime()
+_CUDA = DeviceRuntime()  # the real one; tests pass a fake as ``runtime``
 
 
 def _is_dense(tensor: torch.Tensor) -> bool:
