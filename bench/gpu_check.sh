@@ -48,9 +48,10 @@ step demo 120 $python -m tolaria demo --device cuda --out "$OUT/demo"
 step full-suite "${FULL_SUITE_LIMIT:-240}" $python -m pytest -q -x -rfE -p no:cacheprovider -m "not cuda"
 echo
 echo "== summary"
-cat "$OUT/gpu.txt"
-printf '%s\n' "${status[@]}"
-[ -f "$OUT/bench.json" ] && $python - "$OUT/bench.json" <<'PY'
+{
+  cat "$OUT/gpu.txt"
+  printf '%s\n' "${status[@]}"
+  [ -f "$OUT/bench.json" ] && $python - "$OUT/bench.json" <<'PY'
 import json, sys
 data = json.load(open(sys.argv[1]))
 for line in data["summary"]:
@@ -60,3 +61,5 @@ for error in data.get("errors", []):
 if not data.get("complete", True):
     print("! bench.json is partial: the bench stopped before its last scenario group")
 PY
+} | tee "$OUT/summary.txt"
+# Back on the development machine: python -m bench.collect_gpu_results <folder with these files>

@@ -137,3 +137,48 @@ def test_tolaria_bench_cli_is_wired() -> None:
         bad = subprocess.run([sys.executable, "-m", "tolaria", "bench", "--device", "cuda"],
                              capture_output=True, text=True)  # fmt: skip
         assert bad.returncode == 2 and "CUDA is not available" in bad.stderr
+
+
+def test_gpu_results_are_filed_under_a_dated_gpu_folder_once(tmp_path: Path) -> None:
+    from bench import collect_gpu_results as collect
+
+    out = tmp_path / "out"
+    (out / "demo").mkdir(parents=True)
+    (out / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB\n")
+    stamp = "2026-11-27T10:00:00+00:00"
+    (out / "bench.json").write_text(json.dumps({"timestamp": stamp, "quick": True, "rows": []}))
+    (out / "summary.txt").write_text("build: rc=0 in 40s\n")
+    (out / "demo" / "telemetry.jsonl").write_text("{}\n")
+    (out / "huge.bin").write_bytes(b"x" * 2048)
+    runner.append_csv(_rows()[:2], out / "results.csv", stamp=stamp, sha="abc")
+    results = tmp_path / "results"
+    runner.append_csv(_rows()[:1], results / "results.csv", stamp="earlier", sha="old")
+
+    folder = collect.collect(out, results, max_bytes=1024)
+    assert folder == results / "2026-11-27-h100-quick"
+    assert (folder / "demo" / "telemetry.jsonl").exists() and not (folder / "huge.bin").exists()
+    assert "build: rc=0 in 40s" in (folder / "README.md").read_text()
+    with (results / "results.csv").open() as handle:
+        assert [row["timestamp"] for row in csv.DictReader(handle)] == ["earlier", stamp, stamp]
+
+    again = collect.collect(out, results, max_bytes=1024)  # a second collection: new folder, no rows
+    assert again == results / "2026-11-27-h100-quick-2"
+    with (results / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_gpu_slug_names_the_model() -> None:
+    from bench.collect_gpu_results import gpu_slug
+
+    assert gpu_slug("NVIDIA H200, 580.1, 143771 MiB") == "h200"
+    assert gpu_slug("NVIDIA A100-SXM4-80GB, 550, 81920 MiB") == "a100"
+    assert gpu_slug("Some Card") == "some-card"
+
+
+def test_collecting_something_else_is_refused(tmp_path: Path) -> None:
+    from bench import collect_gpu_results as collect
+
+    with pytest.raises(SystemExit, match="not a folder"):
+        collect.collect(tmp_path / "missing", tmp_path)
+    with pytest.raises(SystemExit, match="not the output of bench/gpu_check.sh"):
+        collect.collect(tmp_path, tmp_path)
