@@ -58,6 +58,13 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release_cached_memory(device: str | torch.device) -> None:
+    """Between workloads on CUDA: hand the caching allocator's free blocks back, so the next
+    workload's allocations (pinned arenas, large tensors) start from the same state."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_calls(
     fn: Callable[[], object], *, device: str | torch.device, warmup: int = 3, reps: int = 20
 ) -> list[float]:

@@ -28,7 +28,16 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.common import Measurement, all_finished, device_label, measure, module_parser, print_report, ratio
+from bench.common import (
+    Measurement,
+    all_finished,
+    device_label,
+    measure,
+    module_parser,
+    print_report,
+    ratio,
+    release_cached_memory,
+)
 from tolaria.health import check_tensors
 
 BASELINE = "isfinite-loop"
@@ -140,8 +149,7 @@ def run(device: str, quick: bool) -> list[Measurement]:
         pairs = _make(shapes, device)
         rows += _scenario(f"health/{name}", pairs, device, quick)
         del pairs
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(device)
     return rows
 
 

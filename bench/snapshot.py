@@ -39,6 +39,7 @@ from bench.common import (
     percentile,
     print_report,
     ratio,
+    release_cached_memory,
     synchronize,
 )
 from bench.health import gpt2_small_shapes
@@ -184,8 +185,7 @@ def run(device: str, quick: bool) -> list[Measurement]:
         work = make(device)
         rows += _workload_rows(work, device, quick)
         del work
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(device)
     return rows
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import Measurement, device_label, measure, percentile, synchronize
+from bench.common import Measurement, device_label, measure, percentile, release_cached_memory, synchronize
 from bench.legacy_governor import LegacyGovernor
 from tolaria import GuardedStep, TolariaGovernor
 from tolaria.morphogenesis.hosts import GPT2_SMALL, TransformerConfig, TransformerHost
@@ -154,8 +154,7 @@ def training_rows(device: str, quick: bool, progress: Callable[[], None] | None 
         rows.append(Measurement(scenario, loop.variant, label, percentile(times, 0.5), percentile(times, 0.1),
                                 percentile(times, 0.9), len(times)))  # fmt: skip
     del loops
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached_memory(device)
     return rows
 
 

@@ -148,8 +148,8 @@ class TritonPlan:
         self.metadata = self._metadata(tensors)
         self.integers: list[int] = []
         self.staged: list[tuple[int, torch.Tensor]] = []  # (input index, staging buffer)
-        self._permuted: list[int] = []  # dense but not contiguous, read in place
         members: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+        permuted: list[int] = []  # dense but not contiguous, read in place
         for index, tensor in enumerate(tensors):
             if not tensor.is_floating_point():
                 self.integers.append(index)
@@ -165,11 +165,11 @@ class TritonPlan:
                 source = torch.empty(tensor.shape, dtype=kernel_dtype, device=self.device)
                 self.staged.append((index, source))
             elif in_place and not tensor.is_contiguous():
-                self._permuted.append(index)
+                permuted.append(index)
             members.setdefault(kernel_dtype, []).append((index, source))
         # Whose shape and strides a new call must match: a staged copy has this plan's shape,
         # and a permuted dense tensor is read in place only while its layout is unchanged.
-        self._layout_checked = sorted([index for index, _ in self.staged] + self._permuted)
+        self._layout_checked = sorted([index for index, _ in self.staged] + permuted)
         self.checked_layout = self._layout(tensors)
         self._build_tables(members, block, chunk_blocks)
         self.out = torch.empty((4, self.num_tensors), dtype=torch.float64, device=self.device)

@@ -296,9 +296,9 @@ class NativeSnapshotStore(BufferedStore):
             targets = list(targets)  # read once: both paths below go through it
         lkg = self._lkg
         if lkg is not None:
-            routed = self._routed_targets(lkg.plan, targets)
-            if routed is not None:
-                return self._restore_routed(lkg, *routed)
+            result = self._restore_by_routes(lkg, targets)
+            if result is not None:
+                return result
         items = normalize_named_tensors(targets, argument="targets")
         if lkg is None:
             raise RuntimeError("no committed Last Known Good snapshot to restore")
@@ -335,25 +335,19 @@ class NativeSnapshotStore(BufferedStore):
             unexpected_keys=tuple(key for key in plan.keys if key not in target_keys),
         )
 
-    def _routed_targets(
-        self, plan: ArenaPlan, targets: NamedTensors
-    ) -> tuple[tuple[torch.Tensor, ...], list[int]] | None:
-        """The targets' tensors and by-address routes when they are the very objects the LKG's
-        plan last captured, unchanged in everything the full path checks (the Governor's
-        rollback); else None. See :meth:`ArenaPlan.restore_routes`."""
+    def _restore_by_routes(self, lkg: HostBuffer, targets: NamedTensors) -> RestoreResult | None:
+        """Restore without a per-key walk when the targets are the very objects the LKG's plan
+        last captured, unchanged in everything the full path checks (the Governor's rollback;
+        see :meth:`ArenaPlan.restore_routes`); None, having written nothing, otherwise."""
         try:
             keys, tensors = self._read(targets)
         except (TypeError, ValueError):
             return None  # malformed: the full path raises the documented error
-        addresses = plan.restore_routes(keys, tensors)
-        return None if addresses is None else (tensors, addresses)
-
-    def _restore_routed(
-        self, lkg: HostBuffer, tensors: tuple[torch.Tensor, ...], addresses: list[int]
-    ) -> RestoreResult:
-        """Restore without a per-key walk: the plan already knows every slot's route."""
-        self._discard_pending()
         plan = lkg.plan
+        addresses = plan.restore_routes(keys, tensors)
+        if addresses is None:
+            return None
+        self._discard_pending()
         fallback = [(tensors[plan.slot_key[slot]], lkg.slot_views[slot]) for slot in plan.restore_copied]
         self._write_back(lkg, addresses, plan.restore_direct, fallback)
         return RestoreResult(restored_keys=plan.keys, missing_keys=(), unexpected_keys=())

@@ -46,7 +46,7 @@ class CudaEngine:
         self._native = native
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._events: dict[int, tuple[Any, Any, Any]] = {}
-        self._warned_synchronous = False
+        self._judged_backends: set[str] = set()
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device_index(device)
@@ -117,13 +117,14 @@ class CudaEngine:
         return health, CaptureEvents(released, done)
 
     def _warn_if_synchronous(self, health_backend: str) -> None:
-        """Once: without Triton the check of the device tensors is the reference, which reads its
-        result on the host, so capture() waits for the side stream up to that check."""
-        if self._warned_synchronous:
+        """Once per backend: without Triton the check of the device tensors is the reference,
+        which reads its result on the host, so capture() waits for the side stream up to that
+        check. Judged on the first capture only: later captures pay nothing."""
+        if health_backend in self._judged_backends:
             return
+        self._judged_backends.add(health_backend)
         if health_backend == "triton" or (health_backend == "auto" and triton_status()[0]):
             return
-        self._warned_synchronous = True
         logger.warning(
             "snapshot capture on CUDA waits for the parameters' device-to-host copy: its health check "
             "uses the pure-PyTorch reference (health_backend=%r%s), which reads its result on the host. "
