@@ -61,6 +61,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario_names: list
     # The hang scenario leaves its dedicated group broken; the default group still works.
     dist.barrier()
     dist.destroy_process_group()
+    time.sleep(0.1)  # let gloo's threads drop their tensors before exit (see examples/ddp_train.py)
 
 
 def run_group(world: int, scenario_names: list[str], tmp_path: Path) -> list[dict[str, Any]]:
