@@ -28,6 +28,21 @@ class SeedStage(IntEnum):
     RESETTING = 10
 
 
+class LifecycleOp(IntEnum):
+    """A lifecycle mutation a controller may propose for one slot (the original's action ids).
+
+    The Governor vets each proposal first (:func:`tolaria.lifecycle.preflight_lifecycle_mutation`);
+    it compares operations by member name, so a host's own enum with these names works too.
+    """
+
+    WAIT = 0
+    GERMINATE = 1
+    SET_ALPHA_TARGET = 2
+    PRUNE = 3
+    FOSSILIZE = 4
+    ADVANCE = 5
+
+
 #: Legal moves. FOSSILIZED is terminal: a fossil is part of the host and is never pruned.
 VALID_TRANSITIONS: dict[SeedStage, frozenset[SeedStage]] = {
     SeedStage.UNKNOWN: frozenset(),
@@ -113,6 +128,7 @@ __all__ = [
     "EXPERIMENTAL_STAGES",
     "SEED_BEARING_STAGES",
     "VALID_TRANSITIONS",
+    "LifecycleOp",
     "SeedStage",
     "SeedState",
     "check_transition",
