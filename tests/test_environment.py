@@ -109,3 +109,80 @@ def test_create_model_lists_tasks_for_an_unknown_one() -> None:
 def test_create_model_builds_the_language_model() -> None:
     model = create_model("tinystories", "cpu", slots=["r0c1"])
     assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 50257)
+
+
+# -- the original's error contract ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["gpu", "", "cuda:x", "tpu"], ids=["gpu", "empty", "bad-index", "tpu"])
+def test_an_unparsable_device_is_invalid(text: str) -> None:
+    with pytest.raises(ValueError, match=rf"^Invalid device '{text}': .*not a valid device"):
+        parse_device(text)
+    with pytest.raises(ValueError, match=rf"^Invalid device '{text}': "):
+        validate_device(text)
+
+
+@pytest.mark.parametrize("kind", ["meta", "xla", "xpu", "hpu", "privateuseone"])
+@pytest.mark.parametrize("as_device", [False, True], ids=["str", "torch.device"])
+def test_validate_device_refuses_device_types_a_model_cannot_train_on(kind: str, as_device: bool) -> None:
+    device: str | torch.device = torch.device(kind) if as_device else kind
+    with pytest.raises(ValueError, match=rf"^Unsupported device type '{kind}' \(from '{kind}'\)"):
+        validate_device(device)
+
+
+def test_parse_device_names_the_unsupported_type_and_its_source() -> None:
+    with pytest.raises(ValueError, match=r"^Unsupported device type 'xla' \(from ' XLA:1 '\)"):
+        parse_device(" XLA:1 ")
+
+
+def test_create_model_follows_the_same_device_rules() -> None:
+    with pytest.raises(ValueError, match=r"^Unsupported device type 'meta' \(from 'meta'\)"):
+        create_model("cifar10", "meta", slots=["r0c0"])
+    with pytest.raises(ValueError, match=r"^Invalid device 'gpu': "):
+        create_model("cifar10", "gpu", slots=["r0c0"])
+
+
+@pytest.mark.parametrize("count", [0, 2], ids=["no-gpu", "two-gpus"])
+def test_bare_cuda_is_refused_when_an_explicit_index_is_required(
+    monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    pretend_cuda(monkeypatch, count)
+    with pytest.raises(ValueError, match=r"names no CUDA index.*'cuda:N'"):
+        validate_device("cuda", require_explicit_index=True)
+    with pytest.raises(ValueError, match=r"names no CUDA index"):
+        validate_device(torch.device("cuda"), require_explicit_index=True)
+
+
+def test_an_explicit_cuda_index_passes_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    pretend_cuda(monkeypatch, 2)
+    assert validate_device("cuda:1", require_explicit_index=True) == torch.device("cuda:1")
+    with pytest.raises(RuntimeError, match="does not exist"):
+        validate_device("cuda:2", require_explicit_index=True)
+
+
+def test_auto_keeps_working_and_gets_an_explicit_index_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    pretend_cuda(monkeypatch, 0)
+    assert validate_device("auto") == torch.device("cpu")
+    assert validate_device("auto", require_explicit_index=True) == torch.device("cpu")
+    pretend_cuda(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert validate_device("auto") == torch.device("cuda")
+    assert validate_device(" AUTO ", require_explicit_index=True) == torch.device("cuda:1")
+
+
+def test_require_explicit_index_is_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        validate_device("cpu", True)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_mps_has_only_index_zero(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    with pytest.raises(ValueError, match=r"^device 'mps:1' does not exist: there is one MPS device"):
+        validate_device("mps:1")
+    if available:
+        assert validate_device("mps") == torch.device("mps")
+        assert validate_device("mps:0") == torch.device("mps:0")
+    else:
+        with pytest.raises(RuntimeError, match="MPS is not available"):
+            validate_device("mps:0")
