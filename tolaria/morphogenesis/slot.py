@@ -204,9 +204,19 @@ class SeedSlot(nn.Module):
         """Remove an experimental seed; the slot goes PRUNED and starts its embargo.
 
         Returns True when a seed was removed, False when there was nothing prunable (empty,
-        already pruned or embargoed, or fossilized: a fossil is part of the host).
+        already pruned or embargoed, or fossilized: a fossil is part of the host). A seed with
+        no lifecycle record (``state`` set to None by hand) counts as on trial and is pruned too:
+        keeping it, or dropping it without an embargo, would let an unvetted graft slip past a
+        rollback.
         """
-        if self.state is None or self.state.stage not in EXPERIMENTAL_STAGES:
+        if self.state is None and self.seed is not None:
+            self.state = SeedState(
+                stage=SeedStage.UNKNOWN,
+                seed_id=f"{self.slot_id}-{self._seed_blueprint}-{self._germinations}",
+                blueprint_id=self._seed_blueprint or "",
+                slot_id=self.slot_id,
+            )
+        elif self.state is None or self.state.stage not in EXPERIMENTAL_STAGES:
             return False
         self.state.prune_reason = reason
         self.state.prune_initiator = initiator
@@ -215,7 +225,13 @@ class SeedSlot(nn.Module):
         return True
 
     def step_epoch(self) -> None:
-        """Advance the slot's clock by one epoch (blend ramp, embargo countdown)."""
+        """Advance the slot's clock by one epoch (blend ramp, embargo countdown).
+
+        The embargo ends ``embargo_epochs`` epochs after the prune: the slot passes through
+        RESETTING and is DORMANT (``state`` None) when the call returns. A slot left in
+        RESETTING (moved there early with ``advance_stage``, or restored so) is cleaned at its
+        next epoch.
+        """
         if self.state is None:
             return
         self.state.epochs_in_stage += 1
@@ -225,6 +241,10 @@ class SeedSlot(nn.Module):
             self.alpha_schedule.step()
         elif stage == SeedStage.PRUNED:
             self._enter(SeedStage.EMBARGOED)
+        elif stage == SeedStage.RESETTING:
+            # Without this a RESETTING slot would wait forever: nothing else moves it on.
+            self._enter(SeedStage.DORMANT)
+            return
         if self.state.stage == SeedStage.EMBARGOED and self.state.epochs_total >= self.embargo_epochs:
             self._enter(SeedStage.RESETTING)
             self._enter(SeedStage.DORMANT)
@@ -251,6 +271,9 @@ class SeedSlot(nn.Module):
             # From here epochs_total counts the embargo.
             self.state.epochs_total = 0
         elif target == SeedStage.DORMANT:
+            # DORMANT means empty: no state and no seed, whatever stage was assigned by hand before.
+            self._set_seed(None)
+            self._set_schedule(False)
             self.state = None
             return
         self.state.stage = target
@@ -309,6 +332,8 @@ class SeedSlot(nn.Module):
         payload = decode_extra_state(state)
         raw_state = payload.get("state")
         new_state = SeedState.from_dict(raw_state) if raw_state else None
+        if new_state is not None and new_state.stage == SeedStage.DORMANT:
+            new_state = None  # an empty slot has no state (as after RESETTING -> DORMANT)
         if new_state is not None:
             new_state.slot_id = self.slot_id
         bears_seed = new_state is not None and new_state.stage in SEED_BEARING_STAGES
