@@ -120,7 +120,11 @@ def test_attribute_assignment_keeps_working_and_is_validated() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"history_window": 9}, ValueError, "history_window must be an int >= 10"),
+        (
+            {"history_window": 9},
+            ValueError,
+            r"history_window \(9\) must be >= MIN_GOVERNOR_HISTORY_SAMPLES \(10\)",
+        ),
         ({"snapshot_backend": "gpu"}, ValueError, "snapshot_backend must be one of"),
         (
             {"health_backend": "cuda"},

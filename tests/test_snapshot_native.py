@@ -160,7 +160,7 @@ def test_mixed_state_tied_strided_empty_and_identity() -> None:
 
 def test_restore_into_the_captured_objects_takes_the_planned_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     # The Governor's rollback restores into the very tensors it captured: no per-key walk.
-    from tolaria.snapshot import native
+    from tolaria.snapshot.native import store as native
 
     state = _mixed_state()
     expected = {k: v.clone() for k, v in state.items()}

@@ -2,7 +2,7 @@
 
 The real ordering (a step that tears without the pre-hook, ``snapshot()`` returning before
 the copy) runs under the ``cuda`` marker in test_snapshot_native_cuda.py; here every CUDA
-call of :class:`tolaria.snapshot.native_cuda.CudaEngine` is recorded so the sequence itself is
+call of :class:`tolaria.snapshot.native.cuda.CudaEngine` is recorded so the sequence itself is
 checked in CI: the parameters' copies and the health check come before *released*, the
 scratch's copies (buffers, optimizer state) after it, and the optimizer step waits on
 *released* only.
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tolaria import _ext
-from tolaria.snapshot import native_cuda
+from tolaria.snapshot.native import cuda as native_cuda
 
 pytestmark = pytest.mark.skipif(
     _ext.extension() is None, reason=f"tolaria._C unavailable: {_ext.unavailable_reason()}"
@@ -143,7 +143,7 @@ def test_an_empty_side_enqueues_no_copy(
 
 
 def test_make_stream_wait_waits_on_released_not_done(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tolaria.snapshot.native import NativeSnapshotStore, _Pending
+    from tolaria.snapshot.native.store import NativeSnapshotStore, _Pending
 
     log = _Log()
     store = NativeSnapshotStore()
@@ -162,7 +162,7 @@ def test_a_synchronous_health_check_is_announced_once(
     log = _Log()
     engine = _engine(monkeypatch, log)
     if backend != "reference":
-        monkeypatch.setattr(native_cuda, "triton_status", lambda: (False, "triton unavailable (test)"))
+        monkeypatch.setattr(native_cuda, "triton_health", lambda: None)  # Triton unavailable
     plan = _plan(direct=[0], ordered=[], sources=[])
     staging = SimpleNamespace(copier=_Copier(log), slot_views=[])
     with caplog.at_level("WARNING", logger=native_cuda.__name__):
@@ -177,7 +177,7 @@ def test_the_triton_check_is_not_announced(
 ) -> None:
     log = _Log()
     engine = _engine(monkeypatch, log)
-    monkeypatch.setattr(native_cuda, "triton_status", lambda: (True, "triton compiled (CUDA tensors)"))
+    monkeypatch.setattr(native_cuda, "triton_health", lambda: native_cuda)  # any module: importable
     plan = _plan(direct=[0], ordered=[], sources=[])
     with caplog.at_level("WARNING", logger=native_cuda.__name__):
         engine.capture(plan, SimpleNamespace(copier=_Copier(log), slot_views=[]), (torch.ones(1),), "auto")  # type: ignore[arg-type]

@@ -286,11 +286,12 @@ def test_auto_returns_a_working_store() -> None:
 
 def test_auto_fallback_drops_native_only_options(monkeypatch: pytest.MonkeyPatch) -> None:
     import tolaria.snapshot as snapshot
+    from tolaria.snapshot import factory
 
     def unavailable(**_: object) -> None:
         raise RuntimeError("snapshot backend 'native' is unavailable: test")
 
-    monkeypatch.setattr(snapshot, "_make_native", unavailable)
+    monkeypatch.setattr(factory, "_make_native", unavailable)
     store = snapshot.make_store("auto", double_buffer=False, threads=2, pin_memory=False)
     assert isinstance(store, snapshot.ReferenceSnapshotStore)
     assert store.pin_memory is False

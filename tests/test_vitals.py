@@ -1,15 +1,18 @@
-"""The loss monitor of DESIGN.md "Vital signs", and the spike detector it shares with grad norms."""
+"""The loss monitor of the "Vital signs" contract (docs/architecture.md), and the spike detector
+it shares with gradient norms."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tolaria.config import SpikeRule, WatchConfig
 from tolaria.health import check_tensors
 from tolaria.vitals import (
     REASON_DIVERGENCE,
@@ -29,7 +32,7 @@ normal_losses = st.lists(st.floats(0.5, 2.0), min_size=10, max_size=20)
 
 
 def warmed(values: list[float], **kwargs: object) -> LossMonitor:
-    monitor = LossMonitor(**kwargs)  # type: ignore[arg-type]
+    monitor = LossMonitor(WatchConfig(**kwargs))  # type: ignore[arg-type]
     for value in values:
         assert not monitor.check(value).panic
     return monitor
@@ -54,22 +57,22 @@ def test_anything_else_raises_type_error_naming_the_type(loss: object, named: st
 
 def test_bad_arguments_name_themselves() -> None:
     with pytest.raises(ValueError, match="history_window"):
-        LossMonitor(history_window=9)
+        LossMonitor(WatchConfig(history_window=9))
     with pytest.raises(TypeError, match="history_window"):
-        LossMonitor(history_window=12.5)  # type: ignore[arg-type]
+        LossMonitor(WatchConfig(history_window=12.5))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="min_panics_before_rollback"):
-        LossMonitor(min_panics_before_rollback=0)
+        LossMonitor(WatchConfig(min_panics_before_rollback=0))
     with pytest.raises(TypeError, match="sensitivity"):
-        LossMonitor(sensitivity="high")  # type: ignore[arg-type]
+        LossMonitor(WatchConfig(sensitivity="high"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="random_guess_loss"):
-        LossMonitor(random_guess_loss=-1.0)
+        LossMonitor(WatchConfig(random_guess_loss=-1.0))
 
 
 # -- rules -----------------------------------------------------------------------------------
 @FAST
 @given(losses=st.lists(st.floats(-1e6, 12.0), max_size=60))
 def test_never_a_divergence_below_the_absolute_threshold(losses: list[float]) -> None:
-    monitor = LossMonitor(absolute_threshold=12.0)
+    monitor = LossMonitor(WatchConfig(absolute_threshold=12.0))
     for loss in losses:
         assert monitor.check(loss).reason != REASON_DIVERGENCE
 
@@ -171,7 +174,8 @@ def test_lobotomy_panics_at_once_with_ten_samples_only() -> None:
 
 # -- the shared spike detector (gradient norms) ----------------------------------------------
 def test_spike_detector_ignores_nan_and_counts_inf_as_an_anomaly() -> None:
-    spikes = SpikeDetector(min_consecutive=2)
+    rule = SpikeRule(sensitivity=6.0, multiplier=3.0, absolute_threshold=0.0, min_consecutive=2)
+    spikes = SpikeDetector(rule)
     for value in [1.0] * 10:
         spikes.observe(value)
     assert not spikes.observe(math.nan).anomaly and len(spikes.history) == 10
@@ -188,7 +192,7 @@ def _report(params: list[torch.Tensor], grads: list[torch.Tensor]):
 
 def test_watch_orders_params_then_grads_then_explosion() -> None:
     ok, nan = torch.ones(3), torch.tensor([1.0, math.nan])
-    watch = Watch(min_panics_before_rollback=1)
+    watch = Watch(WatchConfig(min_panics_before_rollback=1))
     panic = watch.observe_tensors(_report([ok, nan], [nan]), 2)
     assert panic is not None and panic.reason == REASON_NONFINITE_PARAMS and panic.first_bad == "p1"
     panic = watch.observe_tensors(_report([ok, ok], [ok, nan]), 2)
@@ -214,12 +218,11 @@ def test_watch_keeps_the_pending_panic_until_cleared() -> None:
 
 def test_watch_settings_apply_to_both_monitors_and_are_validated() -> None:
     watch = Watch()
-    watch.configure("sensitivity", 2)
-    watch.configure("min_panics_before_rollback", 5)
-    watch.configure("absolute_threshold", 1.0)
-    assert (watch.grad_norms.sensitivity, watch.grad_norms.min_consecutive) == (2.0, 5)
-    assert watch.grad_norms.absolute_threshold == 0.0 and watch.setting("absolute_threshold") == 1.0
+    changed = replace(watch.config, sensitivity=2, min_panics_before_rollback=5, absolute_threshold=1.0)
+    watch.configure(changed)
+    assert (watch.grad_norms.rule.sensitivity, watch.grad_norms.rule.min_consecutive) == (2.0, 5)
+    assert watch.grad_norms.rule.absolute_threshold == 0.0 and watch.config.absolute_threshold == 1.0
     with pytest.raises(ValueError, match="sensitivity"):
-        watch.configure("sensitivity", -1.0)
+        watch.configure(replace(watch.config, sensitivity=-1.0))
     with pytest.raises(TypeError, match="min_panics_before_rollback"):
-        watch.configure("min_panics_before_rollback", 2.5)
+        watch.configure(replace(watch.config, min_panics_before_rollback=2.5))

@@ -32,6 +32,12 @@ def env_flag(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly). Read
+    here, below every other module, so the kernels and the backend choice share one answer."""
+    return env_flag(os.environ.get("TRITON_INTERPRET"))
+
+
 def native_required() -> bool:
     """True when ``TOLARIA_REQUIRE_NATIVE`` asks for the compiled extension."""
     return env_flag(os.environ.get(REQUIRE_NATIVE_ENV))

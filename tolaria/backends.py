@@ -7,12 +7,13 @@ these functions, and ``tolaria doctor`` prints the same answers with their reaso
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
 from tolaria import _ext
+from tolaria._ext import triton_interpreting
+from tolaria.health.dispatch import triton_health, triton_health_error
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,6 @@ class BackendChoice:
 def triton_installed() -> bool:
     """True when the ``triton`` package can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly)."""
-    return _ext.env_flag(os.environ.get("TRITON_INTERPRET"))
 
 
 def snapshot_backend_for(device: torch.device) -> BackendChoice:
@@ -54,11 +50,24 @@ def snapshot_backend_for(device: torch.device) -> BackendChoice:
 def health_backend_for(device: torch.device) -> BackendChoice:
     """The health backend that ``backend="auto"`` uses for tensors on ``device``."""
     if device.type == "cuda":
-        if triton_installed():
-            return BackendChoice("triton", "CUDA tensors and Triton installed: one fused launch per dtype")
-        return BackendChoice("reference", "Triton is not installed (pip install 'tolaria[triton]')")
+        if triton_health() is not None:
+            return BackendChoice("triton", "CUDA tensors and Triton importable: one fused launch per dtype")
+        if not triton_installed():
+            return BackendChoice("reference", "Triton is not installed (pip install 'tolaria[triton]')")
+        return BackendChoice("reference", f"Triton does not import here: {triton_health_error()}")
     return BackendChoice(
         "reference",
         f"{device.type} tensors use the batched pure-PyTorch check (Triton serves CUDA tensors;"
         " on CPU it only runs under TRITON_INTERPRET=1, for tests)",
     )
+
+
+__all__ = [
+    "BackendChoice",
+    "health_backend_for",
+    "snapshot_backend_for",
+    "triton_health",
+    "triton_health_error",
+    "triton_installed",
+    "triton_interpreting",
+]

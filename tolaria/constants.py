@@ -23,6 +23,13 @@ DEFAULT_MIN_PANICS_BEFORE_ROLLBACK: Final[int] = 3
 MIN_GOVERNOR_HISTORY_SAMPLES: Final[int] = 10
 #: Epochs a slot stays pruned/embargoed before it can host a new seed.
 DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE: Final[int] = 5
+#: The "m·mean" of the gradient-norm detector (tolaria's own; the original has no such detector):
+#: an explosion must be an order of magnitude above the recent mean. Healthy Adam runs swing well
+#: past the loss multiplier (3): the fault-free tinystories demo was rolled back twice for runs of
+#: three norms at 3-8x the mean, each also past mean + 6·std of a calm history; the demo's real
+#: blow-ups measure ~240x and ~20000x. Adam bounds the per-coordinate update, so a short swing of
+#: a few x cannot do the damage a rollback is for.
+DEFAULT_GRAD_NORM_MULTIPLIER: Final[float] = 10.0
 
 __all__ = [
     "DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE",
@@ -31,6 +38,7 @@ __all__ = [
     "DEFAULT_GOVERNOR_HISTORY_WINDOW",
     "DEFAULT_GOVERNOR_LOSS_MULTIPLIER",
     "DEFAULT_GOVERNOR_SENSITIVITY",
+    "DEFAULT_GRAD_NORM_MULTIPLIER",
     "DEFAULT_MIN_PANICS_BEFORE_ROLLBACK",
     "MIN_GOVERNOR_HISTORY_SAMPLES",
 ]

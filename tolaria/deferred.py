@@ -1,54 +1,26 @@
-"""Deferred verdicts: judge a step's loss, weights and gradients without a host sync.
+"""Deferred verdicts: a step's loss and health checks in flight, judged once they land.
 
-The blocking checks (``check_vital_signs(loss)``, ``check_health()``) read their results on the
-host before they return, and every such read drains the GPU queue: the GPU idles while Python
-launches the next step. :meth:`TolariaGovernor.observe` instead *enqueues* both checks of one
-step, as PyTorch's GradScaler keeps its inf-flags on the device:
+:meth:`TolariaGovernor.observe` *enqueues* one step's checks instead of reading them on the
+host, as PyTorch's GradScaler keeps its inf-flags on the device: the loss is copied into a pinned
+host slot behind a CUDA event (:class:`LossStager`), and the fused health check of parameters
+and gradients runs with ``blocking=False`` (:func:`start_health`). Together they are one
+:class:`Verdict`, queued in step order in a :class:`VerdictQueue`.
 
-* the loss is copied into a pinned host slot behind a CUDA event (:class:`LossStager`);
-* the fused health check of parameters and gradients runs with ``blocking=False``: its result
-  lands in pinned memory behind its own event (:func:`start_health`; the Triton backend: the
-  reference backend computes its report at once, a sync on CUDA).
-
-Together they are one :class:`Verdict`, queued in step order in a :class:`VerdictQueue`. A
-verdict is *consumed* once its events have completed (``ready()`` is polled, never waited on,
-on the healthy path): the Governor then feeds it through exactly the code of the blocking path
-(the loss monitor first; the tensors only when the loss did not panic). A panic makes every
-later verdict moot: they were computed on a state the rollback abandons, so they are dropped
-without touching any monitor history, and the monitors end exactly as the blocking path leaves
-them.
-
-**Bounded lag.** At most ``max_pending`` observed steps may have verdicts outstanding; beyond
-that :meth:`VerdictQueue.drain` waits for the oldest. The wait is short: that work was enqueued
-``max_pending`` steps ago and the newer steps keep the GPU busy meanwhile. Between a sick step
-and its verdict the loop goes on (at most ``max_pending`` more optimizer steps); the rollback
-restores weights and optimizer state from the LKG, so they leave no trace in the model. What
-lives outside it (data-loader position, LR-scheduler steps) is the caller's to rewind, if needed.
-
-**Safety rule (never commit what a late verdict condemns).** A capture taken in deferred mode
-gets a :class:`CaptureGate`: the verdicts of every step observed before it (the steps up to and
-including the captured weights' own step: the weights a step's checks judged are the ones
-captured before its optimizer step) must all be in. The capture is committed only if none of
-them panicked and, once the last of them was judged, no panic was pending and no anomaly streak
-was running (what the blocking GuardedStep requires before it snapshots at all). A panic found
-late therefore discards every capture taken after the sick step, and the rollback restores the
-previous committed LKG. Resolving a gated capture (``snapshot()`` resolving the previous one,
-``last_good_state``, ``execute_rollback()``, ``reset()``) first drains the verdicts it needs,
-waiting for their events there: these calls are rare and the work is already enqueued.
-
-**Process groups.** Not supported yet: consensus needs every rank to judge the same step at the
-same call, and readiness differs between ranks. ``observe()`` raises NotImplementedError with a
-process group; the blocking checks remain fully supported there.
-
-On CPU every handle is ready at once, so deferred mode takes the same decisions as the blocking
-mode at the same steps.
+A verdict is judged once its events have completed (``ready()`` is polled, never waited on, on
+the healthy path), through the same monitors as the blocking checks (the loss first; the tensors
+only when the loss did not panic). A panic makes every later verdict moot: they were computed on
+a state the rollback abandons, so they are dropped without touching any monitor history.
+At most ``max_pending`` observed steps may have verdicts outstanding; the Governor waits for the
+oldest beyond that. Whether a capture taken meanwhile may commit is decided in
+:mod:`tolaria.commit`. On CPU every handle is ready at once, so deferred mode takes the same
+decisions as the blocking mode at the same steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +28,8 @@ import torch
 
 from tolaria import health
 from tolaria.health import HealthHandle
-from tolaria.snapshot.store import Resolution, SnapshotStore
 from tolaria.vitals import check_loss_tensor, coerce_loss
 from tolaria.watch import Panic, Watch
-
-#: The Governor's decision step: ``decide(observe, check_name, step)`` runs ``observe`` (which
-#: feeds a monitor of the Watch), announces a panic and returns whether there was one.
-Decide = Callable[[Callable[[], "Panic | None"], str, "int | None"], bool]
 
 #: How many observed steps may have verdicts outstanding before ``observe()`` waits.
 DEFAULT_MAX_PENDING_STEPS = 2
@@ -167,29 +134,19 @@ class Verdict:
         return self.loss.ready() and (self.health is None or self.health.ready())
 
 
-@dataclass
-class CaptureGate:
-    """The commit condition of a capture taken in deferred mode: the verdicts with ``seq <
-    needs`` must be in; ``ok`` is None until they are, then whether the capture may commit
-    (none panicked, and the monitors were calm after the last one)."""
-
-    needs: int
-    ok: bool | None = None
-    withheld: str = ""
-
-
 class VerdictQueue:
-    """Verdicts not yet consumed, oldest first, and the :class:`CaptureGate` of the staged
-    capture (see the module docstring for the rules). ``watch`` holds the monitors; ``decide``
-    is the Governor's (the blocking checks use it too: one path for both)."""
+    """Verdicts not yet judged, oldest first. ``watch`` holds the monitors that judge them.
 
-    def __init__(self, watch: Watch, decide: Decide, max_pending: int = DEFAULT_MAX_PENDING_STEPS) -> None:
+    ``pushed`` counts the verdicts ever enqueued (their sequence numbers are 0, 1, ...);
+    ``judged`` is the sequence number of the next one to judge (every verdict below it was
+    judged or dropped)."""
+
+    def __init__(self, watch: Watch, max_pending: int = DEFAULT_MAX_PENDING_STEPS) -> None:
         self.watch = watch
-        self.decide = decide
         self.max_pending = check_max_pending(max_pending)
         self.stager = LossStager()
         self.pushed = 0
-        self.gate: CaptureGate | None = None
+        self.judged = 0
         self._queue: deque[Verdict] = deque()
 
     def __len__(self) -> int:
@@ -199,8 +156,9 @@ class VerdictQueue:
              backend: str, *, distributed: bool = False) -> None:  # fmt: skip
         """Enqueue one step's checks: stage ``loss`` and start the health check of ``pairs``
         (parameters first, ``n_params`` of them); ``step`` labels it (None: its sequence number).
-        Then consume what is due (bounded lag). Raises before anything is enqueued: TypeError for
-        a bad ``loss`` or ``step``, NotImplementedError when ``distributed`` (a process group)."""
+        Raises before anything is enqueued: TypeError for a bad ``loss`` or ``step``,
+        NotImplementedError when ``distributed`` (a process group: consensus needs every rank to
+        judge the same step at the same call, and readiness differs between ranks)."""
         if distributed:
             raise NotImplementedError(
                 "TolariaGovernor.observe() (deferred checks) is not supported with a process group "
@@ -213,85 +171,38 @@ class VerdictQueue:
         label = self.pushed if step is None else step
         self._queue.append(Verdict(self.pushed, label, staged, handle, n_params))
         self.pushed += 1
-        self.drain(wait_for=self.pushed - self.max_pending)
 
-    def drain(self, *, wait_for: int | None = None) -> None:
-        """Consume verdicts in step order: every one with ``seq < wait_for`` (waiting for it;
-        None: all of them), then the ones already ready. After a panic the rest are dropped."""
+    def drain(self, *, wait_for: int | None = None, stop_at: int | None = None) -> Panic | None:
+        """Judge verdicts in step order: every one with ``seq < wait_for`` (waiting for it;
+        None: all of them), then the ones already ready, never one with ``seq >= stop_at``.
+        Returns the first panic (the later verdicts are then dropped), else None."""
         limit = self.pushed if wait_for is None else wait_for
         while self._queue:
             verdict = self._queue[0]
+            if stop_at is not None and verdict.seq >= stop_at:
+                return None
             if verdict.seq >= limit and not verdict.ready():
-                return
+                return None
             self._queue.popleft()
-            panicked = self._judge(verdict)
-            gate = self.gate
-            if gate is not None and gate.ok is None and (panicked or verdict.seq == gate.needs - 1):
-                self._settle(gate, panicked, verdict.step)
-            if panicked:
+            self.judged = verdict.seq + 1
+            panic = self._judge(verdict)
+            if panic is not None:
                 self._queue.clear()  # computed on a state the rollback abandons: never fed to a monitor
-                return
+                self.judged = self.pushed
+                return panic
+        return None
 
-    def catch_up(self) -> bool:
-        """Before a blocking check: judge every verdict still out (waiting for it); True when
-        that found a panic (the new check then belongs to an abandoned state)."""
-        if not self._queue:
-            return False
-        before = self.watch.pending
-        self.drain()
-        return self.watch.pending is not None and self.watch.pending is not before
-
-    def _judge(self, verdict: Verdict) -> bool:
-        """One verdict through the blocking path's code: the loss, then (unless it panicked) the
-        weights and gradients, exactly as GuardedStep orders the blocking checks."""
-        loss = verdict.loss.value()
-        if self.decide(lambda: self.watch.observe_loss(loss), "check_vital_signs", verdict.step):
-            return True
-        handle = verdict.health
-        if handle is None:
-            return False
-        report = handle.result()
-        return self.decide(lambda: self.watch.observe_tensors(report, verdict.n_params), "check_health",
-                           verdict.step)  # fmt: skip
-
-    def settle(
-        self, store: SnapshotStore, resolve: Callable[[SnapshotStore], Resolution | None], *, drain: bool
-    ) -> tuple[Resolution | None, str]:
-        """Resolve ``store``'s staged capture behind its gate: first consume the verdicts the
-        gate needs (every pending one with ``drain``), waiting for them; then commit through
-        ``resolve`` or, when the gate refuses, verify and discard it. Returns the resolution and
-        why the capture was withheld ("" when it was not)."""
-        gate = self.gate
-        if drain or (gate is not None and gate.ok is None):
-            self.drain(wait_for=None if drain or gate is None else gate.needs)  # settles the gate
-        self.gate = None
-        if gate is not None and not gate.ok and store.in_flight:
-            return store.resolve_agreed(lambda healthy: False), gate.withheld
-        return resolve(store), ""
-
-    def open_gate(self) -> CaptureGate | None:
-        """Gate the capture just taken on every verdict pushed so far (None when ``observe()``
-        was never used: the blocking contract applies unchanged)."""
-        if self.pushed == 0:
-            self.gate = None
-            return None
-        self.gate = CaptureGate(self.pushed)
-        if not self._queue:
-            self._settle(self.gate, False, None)
-        return self.gate
-
-    def _settle(self, gate: CaptureGate, panicked: bool, step: int | None) -> None:
-        if panicked:
-            gate.ok, gate.withheld = False, f"the checks of step {step}, before its capture, panicked"
-        elif self.watch.pending is not None or self.watch.anomaly_streak:
-            gate.ok, gate.withheld = False, "a panic was pending or an anomaly streak was running"
-        else:
-            gate.ok = True
+    def _judge(self, verdict: Verdict) -> Panic | None:
+        """One verdict through the blocking path's monitors: the loss, then (unless it panicked)
+        the weights and gradients, exactly as GuardedStep orders the blocking checks."""
+        panic = self.watch.observe_loss(verdict.loss.value(), verdict.step)
+        if panic is not None or verdict.health is None:
+            return panic
+        return self.watch.observe_tensors(verdict.health.result(), verdict.n_params, verdict.step)
 
 
 __all__ = [
     "DEFAULT_MAX_PENDING_STEPS",
-    "CaptureGate",
     "LossSlot",
     "LossStager",
     "StagedLoss",

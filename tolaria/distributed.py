@@ -1,44 +1,26 @@
 """Rank consensus: every rank of a process group takes the same decision at the same time.
 
-Under DDP or FSDP one Governor runs on every rank, each watching its own loss, its own
-parameters/gradients (its own shard under FSDP) and keeping its own Last Known Good. If one
-rank rolled back alone, the replicas would silently diverge, so every decision is agreed with
-``torch.distributed`` (NCCL on GPUs, gloo on CPU) before it is acted upon:
+Under DDP or FSDP one Governor runs on every rank, each watching its own loss, parameters and
+gradients and keeping its own Last Known Good. If one rank rolled back alone, the replicas would
+silently diverge, so :class:`RankConsensus` agrees every decision over ``torch.distributed``
+with ONE ``all_reduce(MAX)`` of a ``world_size``-slot int32 tensor in which each rank writes only
+its own slot (its reason code, :data:`REASON_PRIORITY`): every rank then holds every rank's
+verdict, the highest code is the group's reason, the non-zero slots name the ranks that saw the
+fault, and a rank that raised writes :data:`CODE_RANK_ERROR` so its peers raise too.
 
-* **Checks.** Each rank judges locally, encodes its verdict as a reason code (0 = healthy) and
-  the group combines the codes with ONE ``all_reduce(MAX)`` of a ``world_size``-slot int32 tensor
-  in which each rank writes only its own slot. Afterwards every rank holds every rank's code:
-  the highest code is the group's reason (:data:`REASON_PRIORITY`), and the non-zero slots name
-  the ranks that saw the fault. A rank that raised during its local check writes
-  :data:`CODE_RANK_ERROR`, the highest code, so its peers raise too instead of waiting for it.
-* **Monitor histories.** A rank that saw nothing wrong while another panicked rewinds its loss
-  and gradient-norm monitors to their state before this check: the sample it just appended is
-  withdrawn. A step the group panicked on therefore enters no rank's history, exactly as an
-  anomaly never enters the history of the rank that saw it, and no rank's statistics are drawn
-  from a step that was rolled back. Histories stay per rank (each sees its own data shard).
-* **Snapshots.** A capture is verified locally, the verdicts are combined (one all_reduce),
-  and it is committed on every rank or on none (:meth:`SnapshotStore.resolve_agreed`): a sick
-  shard anywhere vetoes everywhere, so the LKGs stay mutually consistent.
-* **Rollbacks.** Each rank restores its own LKG, then the ranks exchange a status flag (one
-  all_reduce). A rank whose rollback raised re-raises its error and makes every other rank raise
-  :class:`DistributedGovernorError` naming it; no LKG is touched, so the rollback can be retried.
-* **Telemetry.** With a group, panic, rollback and snapshot events carry the ``Ranked*``
-  payloads below: the base fields plus ``rank``, ``world_size`` and ``fault_ranks`` (global
-  ranks that saw the fault or vetoed the snapshot). They are subclasses, so consumers of the base
-  payloads keep working; their JSON carries the extra fields, and ``TelemetryEvent.from_dict``
-  reads them back as the base payload (unknown keys are ignored).
+* **Checks** (:meth:`RankConsensus.decide`): a rank that saw nothing while another panicked
+  rewinds its loss and gradient-norm monitors, so a step the group rolled back enters no rank's
+  history.
+* **Commits** (:meth:`RankConsensus.agree_on_commit`): one sick capture anywhere vetoes the
+  commit everywhere (:mod:`tolaria.commit` asks).
+* **Rollbacks** (:meth:`RankConsensus.run_rollback`): a rank whose rollback raised makes every
+  other rank raise :class:`DistributedGovernorError` naming it.
 
-Bounded time: every exchange waits at most the process group's timeout, the standard knob:
-``init_process_group(timeout=...)``, or a dedicated group for the Governor,
-``dist.new_group(backend="gloo", timeout=timedelta(seconds=60))``, passed as ``process_group``.
-A gloo group then raises on a rank whose peer died or hung, which surfaces as
-:class:`DistributedGovernorError` with a clear message instead of a hang (an NCCL group's watchdog
-aborts the process after its timeout instead). The group is unusable afterwards: tear it down
-and restart from a checkpoint.
-
-Every rank must call the Governor's collective methods (construction, ``snapshot``, ``reset``,
-``check_vital_signs``, ``check_health``, ``execute_rollback``) in the same order, as it calls
-DDP's forward and backward. ``last_good_state`` issues no collective.
+Every exchange waits at most the process group's timeout (``init_process_group(timeout=...)``
+or a dedicated ``dist.new_group(backend="gloo", timeout=...)`` passed as ``process_group``); a
+dead or hung peer becomes a :class:`DistributedGovernorError`, not a hang. Every rank must call
+the Governor's collective methods in the same order. :class:`LocalDecisions` is the same
+interface without a group: no collective, ever.
 """
 
 from __future__ import annotations
@@ -53,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 from tolaria import telemetry as tm
-from tolaria.snapshot.store import Resolution, SnapshotStore
 from tolaria.vitals import (
     REASON_DIVERGENCE,
     REASON_GRAD_EXPLOSION,
@@ -198,13 +179,9 @@ class LocalDecisions:
         """This rank's verdict (``observe`` keeps a panic as ``watch.pending``)."""
         return observe()
 
-    def resolve(self, store: SnapshotStore) -> Resolution | None:
-        """Resolve the store's pending capture: commit it if it is healthy."""
-        return store.resolve()
-
-    def capture_failed(self) -> None:
-        """Called when this rank's capture raised before it could be resolved."""
-        return None
+    def agree_on_commit(self, healthy: bool) -> bool:
+        """Whether the capture may be committed: alone, exactly when it is healthy."""
+        return healthy
 
     def run_rollback(self, rollback: Callable[[], _T]) -> _T:
         """Run this rank's rollback."""
@@ -301,26 +278,17 @@ class RankConsensus(LocalDecisions):
         assert reason is not None
         if local is None:
             detector = watch.grad_norms if reason == REASON_GRAD_EXPLOSION else watch.loss.spikes
-            local = Panic(reason, math.nan, detector.threshold(), detector.consecutive)
-        panic = dataclasses.replace(local, reason=reason)
-        watch.pending = panic
-        return panic
+            local = Panic(reason=reason, loss=math.nan, threshold=detector.threshold(),
+                          consecutive=detector.consecutive)  # fmt: skip
+        return watch.keep(dataclasses.replace(local, reason=reason))
 
     # -- snapshots -----------------------------------------------------------------------------
     def agree_on_commit(self, healthy: bool) -> bool:
         """Whether every rank's capture is healthy (one exchange); the vetoing ranks are kept
-        in :attr:`veto_ranks`."""
+        in :attr:`veto_ranks`. A rank whose capture raised votes False, so its peers do not wait."""
         codes = self.exchange(0 if healthy else 1, "a snapshot commit")
         self.veto_ranks = self._ranks_where(codes, lambda c: c != 0)
         return not self.veto_ranks
-
-    def resolve(self, store: SnapshotStore) -> Resolution | None:
-        """Verify the pending capture, agree, then commit it on every rank or on none."""
-        return store.resolve_agreed(self.agree_on_commit)
-
-    def capture_failed(self) -> None:
-        """Veto the snapshot that every other rank is about to resolve."""
-        self.agree_on_commit(False)
 
     # -- rollbacks -----------------------------------------------------------------------------
     def run_rollback(self, rollback: Callable[[], _T]) -> _T:

@@ -1,22 +1,11 @@
 """TolariaGovernor: the fail-safe watchdog a training loop calls every step.
 
-"Fail-safe" means three things here:
-
-* **detect** — ``check_vital_signs(loss)`` watches the loss (NaN/Inf, a lobotomy back to the
-  random-guess loss, statistical divergence) and ``check_health()`` watches the weights and
-  gradients (non-finite values, gradient-norm explosions), deciding before they return;
-  ``observe(loss)`` enqueues both without a host sync and judges them as they land (:mod:`tolaria.deferred`);
-* **restore** — ``execute_rollback()`` writes the Last Known Good (LKG) state back into the
-  model, bit-exact and in place, together with the optimizer's state, and prunes experimental
-  seeds that may have caused the failure;
-* **punish** — ``get_punishment_reward()`` gives an RL controller the negative reward for the
-  failure it caused.
-
-The Governor only decides *when*; :mod:`tolaria.watch` judges losses and health reports with the
-detectors of :mod:`tolaria.vitals`, :mod:`tolaria.health` checks tensors, :mod:`tolaria.snapshot`
-keeps the bytes, and every decision is reported through
-the telemetry hub, reached via the module-level name ``get_hub`` at call time so that users can
-patch ``tolaria.governor.get_hub``.
+It decides *when*: to judge a loss or the tensors (:mod:`tolaria.watch` judges, with the
+detectors of :mod:`tolaria.vitals` and the settings of :mod:`tolaria.config`), to capture (
+:mod:`tolaria.commit` decides whether a capture becomes the Last Known Good, the stores of
+:mod:`tolaria.snapshot` keep the bytes), to roll back, and what to report. Telemetry goes
+through the module-level name ``get_hub``, looked up at call time, so users can patch
+``tolaria.governor.get_hub``.
 """
 
 from __future__ import annotations
@@ -24,15 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from tolaria import deferred, health
-from tolaria import telemetry as tm
+from tolaria import health
+from tolaria.commit import CommitLifecycle, Resolved, SnapshotInfo
+from tolaria.config import WatchConfig, check_number
 from tolaria.constants import (
     DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
     DEFAULT_GOVERNOR_DEATH_PENALTY,
@@ -41,12 +30,23 @@ from tolaria.constants import (
     DEFAULT_GOVERNOR_SENSITIVITY,
     DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
 )
+from tolaria.deferred import VerdictQueue, check_max_pending
 from tolaria.distributed import make_decisions
-from tolaria.snapshot import Resolution, contents, make_store
-from tolaria.snapshot import store as snap
-from tolaria.snapshot.contents import SnapshotInfo, device_of
+from tolaria.snapshot import seeds
+from tolaria.snapshot.entries import (
+    OPTIMIZER_KEY_PREFIX,
+    CaptureMeta,
+    check_optimizer,
+    device_of,
+    key_drift,
+    order_steps_after_captures,
+    restore_contents,
+)
+from tolaria.snapshot.factory import make_store
+from tolaria.snapshot.store import require_default_stream
 from tolaria.telemetry import TelemetryHub, get_hub
-from tolaria.vitals import check_number
+from tolaria.telemetry.events import panic_event, rollback_event, snapshot_events
+from tolaria.telemetry.payloads import GovernorRollbackPayload
 from tolaria.watch import Panic, Watch, gradient_norm
 
 logger = logging.getLogger(__name__)
@@ -84,17 +84,18 @@ class GovernorReport:
     panic_step: int | None = None
 
 
-class _WatchSetting:
-    """A drop-in attribute (``gov.sensitivity = 4.0`` keeps working) that lives in the Watch."""
+class _Setting:
+    """A drop-in attribute (``gov.sensitivity = 4.0`` keeps working): one field of the
+    Governor's :class:`WatchConfig`; setting it builds a new, validated config."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def __get__(self, gov: Any, owner: type | None = None) -> Any:
-        return self if gov is None else gov._watch.setting(self.name)
+        return self if gov is None else getattr(gov.config, self.name)
 
     def __set__(self, gov: Any, value: float) -> None:
-        gov._watch.configure(self.name, value)
+        gov.config = replace(gov.config, **{self.name: value})
 
 
 def _current_hub() -> TelemetryHub:
@@ -122,11 +123,11 @@ class TolariaGovernor:
     the first snapshot.
     """
 
-    sensitivity = _WatchSetting()
-    multiplier = _WatchSetting()
-    absolute_threshold = _WatchSetting()
-    min_panics_before_rollback = _WatchSetting()
-    grad_norm_multiplier = _WatchSetting()
+    sensitivity = _Setting()
+    multiplier = _Setting()
+    absolute_threshold = _Setting()
+    min_panics_before_rollback = _Setting()
+    grad_norm_multiplier = _Setting()
 
     def __init__(
         self,
@@ -156,24 +157,40 @@ class TolariaGovernor:
         self.model = model
         self.death_penalty = check_number("death_penalty", death_penalty)
         self._watch = Watch(
-            sensitivity=sensitivity, multiplier=multiplier, absolute_threshold=absolute_threshold,
-            history_window=history_window, min_panics_before_rollback=min_panics_before_rollback,
-            random_guess_loss=random_guess_loss,
-        )  # fmt: skip
-        self._verdicts = deferred.VerdictQueue(self._watch, self._decide)
+            WatchConfig(
+                sensitivity=sensitivity,
+                multiplier=multiplier,
+                absolute_threshold=absolute_threshold,
+                history_window=history_window,
+                min_panics_before_rollback=min_panics_before_rollback,
+                random_guess_loss=random_guess_loss,
+            )
+        )
+        self._verdicts = VerdictQueue(self._watch)
         self.check_parameters = check_parameters
         self.check_gradients = check_gradients
         self.health_backend = health_backend
         self._group = make_decisions(process_group)
         self._store = make_store(snapshot_backend, device=device_of(model), health_backend=health_backend)
         self._store.hub_source = _current_hub
-        self._pending_info: SnapshotInfo | None = None
+        self._commit = CommitLifecycle(self._store, self._group, self._verdicts, self._watch)
         self._last_grad_norm: float | None = None
         self._lkg_cache: tuple[object, dict[str, torch.Tensor]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._hook_handle: Any = None
         self._set_optimizer(optimizer)
         self.snapshot()
+
+    @property
+    def config(self) -> WatchConfig:
+        """The detector settings in force (frozen; assign a new one to change them)."""
+        return self._watch.config
+
+    @config.setter
+    def config(self, config: WatchConfig) -> None:
+        if not isinstance(config, WatchConfig):
+            raise TypeError(f"config must be a tolaria.config.WatchConfig, got {type(config).__name__}")
+        self._watch.configure(config)
 
     @property
     def random_guess_loss(self) -> float:
@@ -213,7 +230,7 @@ class TolariaGovernor:
 
     @max_pending_steps.setter
     def max_pending_steps(self, value: int) -> None:
-        self._verdicts.max_pending = deferred.check_max_pending(value)
+        self._verdicts.max_pending = check_max_pending(value)
 
     @property
     def distributed(self) -> bool:
@@ -235,7 +252,7 @@ class TolariaGovernor:
         if source is None:
             return None
         if self._lkg_cache is None or self._lkg_cache[0] is not source:
-            view = {k: v for k, v in source.items() if not k.startswith(snap.OPTIMIZER_KEY_PREFIX)}
+            view = {k: v for k, v in source.items() if not k.startswith(OPTIMIZER_KEY_PREFIX)}
             self._lkg_cache = (source, view)
         return self._lkg_cache[1]
 
@@ -253,56 +270,43 @@ class TolariaGovernor:
         observed before it are in, none panicked and no anomaly streak runs (:mod:`tolaria.deferred`);
         on CPU that is decided here unless a verdict is still out (``committed`` is then None).
         """
-        snap.require_default_stream(device_of(self.model), "TolariaGovernor.snapshot()")
+        require_default_stream(device_of(self.model), "TolariaGovernor.snapshot()")
         start = time.perf_counter()
         self._resolve()
-        try:
-            capture = contents.capture_contents(self.model, self.optimizer)
-            ticket = self._store.capture(capture.entries, meta=capture.meta)
-            if self._hook_handle is None:
-                # No known optimizer, so no step pre-hook orders its writes after this capture:
-                # order all later work on the current stream after it instead (no host sync).
-                self._store.make_stream_wait()
-        except BaseException:
-            self._group.capture_failed()  # the peers must not wait for this rank's vote
-            raise
-        keys = capture.meta.model_keys
-        info = SnapshotInfo(
-            keys, capture.excluded, ticket.nbytes, self._store.backend, time.perf_counter() - start, None
+        info = self._commit.stage(
+            self.model, self.optimizer, order_stream=self._hook_handle is None, started=start
         )
-        self._pending_info = info
-        gate = self._verdicts.open_gate()
-        if (ticket.in_flight and not self._group.distributed) or (gate is not None and gate.ok is None):
+        if not self._commit.settles_now:
             return info
-        resolution = self._resolve()
-        committed = resolution.committed if resolution is not None else None
-        first_bad = resolution.first_bad if resolution is not None else None
+        resolved = self._resolve()
+        committed = resolved.resolution.committed if resolved is not None else None
+        first_bad = resolved.resolution.first_bad if resolved is not None else None
         return replace(info, seconds=time.perf_counter() - start, committed=committed, first_bad=first_bad)
 
-    def _resolve(self, *, drain: bool = False) -> Resolution | None:
-        """Resolve the pending capture (agreed by the group; behind its gate in deferred mode,
-        ``drain``: after every verdict) and report it (snapshot event; alert if sick)."""
-        resolution, withheld = self._verdicts.settle(self._store, self._group.resolve, drain=drain)
-        info, self._pending_info = self._pending_info, None
-        if resolution is None or info is None:
-            return resolution
-        events = contents.snapshot_events(
-            info, resolution, str(device_of(self.model)), self._group.veto_ranks, self._group.ranked, withheld
-        )
-        for event in events:
-            _current_hub().emit(event)
-        return resolution
+    def _resolve(self, *, drain: bool = False) -> Resolved | None:
+        """End the staged capture (:meth:`CommitLifecycle.resolve`; ``drain``: after every
+        deferred verdict) and report it: a panic its verdicts found, then the snapshot event
+        (and a HEALTH_ALERT when the capture was sick)."""
+        resolved, panic = self._commit.resolve(drain=drain)
+        self._announce(panic)
+        if resolved is not None:
+            for event in snapshot_events(resolved, str(device_of(self.model)), self._group.ranked):
+                _current_hub().emit(event)
+        return resolved
 
     # -- detect --------------------------------------------------------------------------------
-    def check_vital_signs(self, loss: object) -> bool:
+    def check_vital_signs(self, current_loss: object) -> bool:
         """Judge this step's loss; True means panic (call :meth:`execute_rollback`).
 
         Accepts a Python number or a one-element tensor on any device; raises TypeError naming
         the type otherwise.
         """
-        if self._verdicts.catch_up():
+        if self._catch_up():
             return True
-        return self._decide(lambda: self._watch.observe_loss(loss), "check_vital_signs")
+        panic = self._group.decide(
+            self._watch, lambda: self._watch.observe_loss(current_loss), "check_vital_signs"
+        )
+        return self._announce(panic)
 
     def check_health(self) -> bool:
         """Inspect weights and gradients (call after backward); True means panic.
@@ -313,9 +317,9 @@ class TolariaGovernor:
         One health call covers parameters and gradients together.
         """
         self._last_grad_norm = None
-        if self._verdicts.catch_up():
+        if self._catch_up():
             return True
-        return self._decide(self._observe_tensors, "check_health")
+        return self._announce(self._group.decide(self._watch, self._observe_tensors, "check_health"))
 
     @property
     def last_grad_norm(self) -> float | None:
@@ -332,13 +336,19 @@ class TolariaGovernor:
 
         ``loss``: a one-element real tensor or a number; ``step``: this step's label for reports
         (default: a running count). At most ``max_pending_steps`` steps stay unjudged (beyond,
-        this waits for the oldest); captures meanwhile follow :mod:`tolaria.deferred`'s safety
-        rule. Raises TypeError for a bad ``loss``/``step`` (nothing is enqueued), and
-        NotImplementedError with a process group (not supported yet: use the blocking checks).
+        this waits for the oldest); a capture taken meanwhile commits only once the verdicts
+        before it are in and healthy (:mod:`tolaria.commit`). Raises TypeError for a bad
+        ``loss``/``step`` (nothing is enqueued), and NotImplementedError with a process group.
         """
         pairs, n_params = self._health_pairs()
         self._verdicts.push(step, loss, pairs, n_params, self.health_backend, distributed=self.distributed)
+        self._announce(self._commit.consume(wait_for=self._verdicts.pushed - self._verdicts.max_pending))
         return self._watch.pending is not None
+
+    def _catch_up(self) -> bool:
+        """Before a blocking check: judge every deferred verdict still out (waiting for it); True
+        when that found a panic (the new check then belongs to an abandoned state)."""
+        return bool(len(self._verdicts)) and self._announce(self._commit.consume())
 
     def _health_pairs(self) -> tuple[list[tuple[str, torch.Tensor]], int]:
         """What ``check_health`` inspects: the parameters (when checked), then the gradients."""
@@ -358,16 +368,12 @@ class TolariaGovernor:
             self._last_grad_norm = gradient_norm(report, n_params)
         return self._watch.observe_tensors(report, n_params)
 
-    def _decide(self, observe: Callable[[], Panic | None], check: str, step: int | None = None) -> bool:
-        """This rank's verdict, agreed with the group when there is one; announce a panic.
-        ``step`` labels a deferred verdict's step; it travels with the panic."""
-        panic = self._group.decide(self._watch, observe, check)
+    def _announce(self, panic: Panic | None) -> bool:
+        """Emit the GOVERNOR_PANIC event of ``panic`` (the group's agreed one); False for None."""
         if panic is None:
             return False
-        if step is not None:
-            panic = self._watch.pending = replace(panic, step=step)
-        device = str(device_of(self.model))
-        _current_hub().emit(contents.panic_event(panic, device, self._group.fault_ranks, self._group.ranked))
+        event = panic_event(panic, str(device_of(self.model)), self._group.fault_ranks, self._group.ranked)
+        _current_hub().emit(event)
         return True
 
     # -- restore -------------------------------------------------------------------------------
@@ -396,33 +402,50 @@ class TolariaGovernor:
         return self._group.run_rollback(lambda: self._rollback(env_id, optimizer))
 
     def _rollback(self, env_id: int, optimizer: torch.optim.Optimizer | None) -> GovernorReport:
-        contents.check_optimizer(optimizer)
+        check_optimizer(optimizer)
         self._resolve(drain=True)
         saved, meta = self._store.last_good_state, self._store.lkg_meta
-        if saved is None or not isinstance(meta, contents.CaptureMeta):
+        if saved is None or not isinstance(meta, CaptureMeta):
             raise RuntimeError("no Last Known Good snapshot to roll back to (no snapshot was ever committed)")
         target_opt = optimizer if optimizer is not None else self.optimizer
-        optimizer_state = contents.restore_contents(self._store, self.model, target_opt, saved, meta)
+        optimizer_state = restore_contents(self._store, self.model, target_opt, saved, meta)
         self._set_optimizer(target_opt)
-        pruned = contents.prune_live_seeds(self.model, logger)
-        missing, unexpected = contents.key_drift(self.model, meta)
+        pruned = seeds.prune_live_seeds(self.model, logger)
+        missing, unexpected = key_drift(self.model, meta)
         panic, panicked = self._watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
         panic_reason = panic.reason if panicked else None
-        payload = tm.GovernorRollbackPayload(
-            env_id, str(device_of(self.model)), panic.reason, panic.loss, panic.threshold,
-            max(panic.consecutive, self.consecutive_panics), panic_reason, missing, unexpected,
-        )  # fmt: skip
-        _current_hub().emit(contents.rollback_event(payload, self._group.fault_ranks, self._group.ranked))
-        contents.raise_on_drift(missing, unexpected)
-        contents.raise_on_sick_unsaved_fossils(self.model, missing)
+        payload = GovernorRollbackPayload(
+            env_id=env_id,
+            device=str(device_of(self.model)),
+            reason=panic.reason,
+            loss_at_panic=panic.loss,
+            loss_threshold=panic.threshold,
+            consecutive_panics=max(panic.consecutive, self.consecutive_panics),
+            panic_reason=panic_reason,
+            missing_keys=missing,
+            unexpected_keys=unexpected,
+        )
+        _current_hub().emit(rollback_event(payload, self._group.fault_ranks, self._group.ranked))
+        seeds.raise_on_drift(missing, unexpected)
+        seeds.raise_on_sick_unsaved_fossils(self.model, missing)
         self._watch.clear_panic()
         return GovernorReport(
-            panic.reason, panic.loss, panic.threshold, 0, True, panic_reason, env_id, missing, unexpected,
-            pruned, optimizer_state, panic.step if panicked else None,
-        )  # fmt: skip
+            reason=panic.reason,
+            loss_at_panic=panic.loss,
+            loss_threshold=panic.threshold,
+            consecutive_panics=0,
+            rollback_occurred=True,
+            panic_reason=panic_reason,
+            env_id=env_id,
+            missing_keys=missing,
+            unexpected_keys=unexpected,
+            pruned_slots=pruned,
+            optimizer_state=optimizer_state,
+            panic_step=panic.step if panicked else None,
+        )
 
     def _set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        contents.check_optimizer(optimizer)
+        check_optimizer(optimizer)
         if optimizer is self.optimizer:
             return
         if self._hook_handle is not None:
@@ -430,7 +453,7 @@ class TolariaGovernor:
             self._hook_handle = None
         self.optimizer = optimizer
         if optimizer is not None:
-            self._hook_handle = contents.order_steps_after_captures(optimizer, self._store)
+            self._hook_handle = order_steps_after_captures(optimizer, self._store)
 
     # -- punish / reset ------------------------------------------------------------------------
     def get_punishment_reward(self) -> float:

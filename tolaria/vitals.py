@@ -26,14 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tolaria.constants import (
-    DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
-    DEFAULT_GOVERNOR_HISTORY_WINDOW,
-    DEFAULT_GOVERNOR_LOSS_MULTIPLIER,
-    DEFAULT_GOVERNOR_SENSITIVITY,
-    DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
-    MIN_GOVERNOR_HISTORY_SAMPLES,
-)
+from tolaria.config import SpikeRule, WatchConfig
+from tolaria.constants import DEFAULT_GOVERNOR_HISTORY_WINDOW
 
 REASON_NAN = "governor_nan"
 REASON_LOBOTOMY = "governor_lobotomy"
@@ -46,13 +40,6 @@ REASON_GRAD_EXPLOSION = "governor_grad_explosion"
 LOBOTOMY_MEAN_FRACTION = 0.6
 #: ... and the new loss within this fraction of the random-guess loss.
 LOBOTOMY_TOLERANCE_FRACTION = 0.065
-#: The "m·mean" of the gradient-norm detector: an explosion must be an order of magnitude above
-#: the recent mean. Healthy Adam runs swing well past the loss multiplier (3): the fault-free
-#: tinystories demo was rolled back twice for runs of three norms at 3-8x the mean, each also
-#: past mean + 6·std of a calm history; the demo's real blow-ups measure ~240x and ~20000x.
-#: Adam bounds the per-coordinate update, so a short swing of a few x cannot do the damage a
-#: rollback is for.
-DEFAULT_GRAD_NORM_MULTIPLIER = 10.0
 
 
 def coerce_loss(loss: object) -> float:
@@ -80,22 +67,6 @@ def check_loss_tensor(loss: torch.Tensor) -> torch.Tensor:
     return loss.detach().reshape(())
 
 
-def check_number(name: str, value: object, *, minimum: float | None = None, integer: bool = False) -> float:
-    """Validate a constructor argument: a finite real (an int when ``integer``) >= ``minimum``.
-
-    Raises TypeError/ValueError naming ``name`` and the accepted values.
-    """
-    kind = "an int" if integer else "a finite real number"
-    bound = "" if minimum is None else f" >= {minimum:g}"
-    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
-    if not ok_type:
-        raise TypeError(f"{name} must be {kind}{bound}, got {type(value).__name__}")
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number) or (minimum is not None and number < minimum):
-        raise ValueError(f"{name} must be {kind}{bound}, got {value!r}")
-    return number
-
-
 @dataclass(frozen=True)
 class SpikeVerdict:
     """The outcome of one :meth:`SpikeDetector.observe`. ``threshold`` is mean + sensitivity·std
@@ -109,31 +80,16 @@ class SpikeVerdict:
 
 
 class SpikeDetector:
-    """A bounded history of finite samples plus the consecutive-anomaly rule.
+    """A bounded history of finite samples plus the consecutive-anomaly rule (:class:`SpikeRule`).
 
-    A sample is anomalous when it exceeds all of ``absolute_threshold``,
-    ``mean + sensitivity * std`` (population std) and ``multiplier * mean``. While the history
-    holds fewer than ``min_samples`` values every finite sample is appended and nothing is
-    anomalous. NaN samples are ignored entirely; ``+inf`` is an anomaly; neither is ever stored.
+    While the history holds fewer than ``rule.min_samples`` values every finite sample is
+    appended and nothing is anomalous. NaN samples are ignored entirely; ``+inf`` is an anomaly;
+    neither is ever stored. ``rule`` may be replaced at run time (settings change); the history
+    is kept.
     """
 
-    def __init__(
-        self,
-        *,
-        history_window: int = DEFAULT_GOVERNOR_HISTORY_WINDOW,
-        sensitivity: float = DEFAULT_GOVERNOR_SENSITIVITY,
-        multiplier: float = DEFAULT_GOVERNOR_LOSS_MULTIPLIER,
-        absolute_threshold: float = 0.0,
-        min_consecutive: int = DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
-        min_samples: int = MIN_GOVERNOR_HISTORY_SAMPLES,
-    ) -> None:
-        check_number("history_window", history_window, minimum=min_samples, integer=True)
-        check_number("min_panics_before_rollback", min_consecutive, minimum=1, integer=True)
-        self.sensitivity = check_number("sensitivity", sensitivity, minimum=0.0)
-        self.multiplier = check_number("multiplier", multiplier)
-        self.absolute_threshold = check_number("absolute_threshold", absolute_threshold)
-        self.min_consecutive = int(min_consecutive)
-        self.min_samples = int(min_samples)
+    def __init__(self, rule: SpikeRule, history_window: int = DEFAULT_GOVERNOR_HISTORY_WINDOW) -> None:
+        self.rule = rule
         self.history: deque[float] = deque(maxlen=int(history_window))
         self.consecutive = 0
 
@@ -150,38 +106,35 @@ class SpikeDetector:
 
     def threshold(self) -> float:
         """``mean + sensitivity * std``; NaN when the history is empty."""
-        return self.mean() + self.sensitivity * self.std()
+        return self.mean() + self.rule.sensitivity * self.std()
 
     def is_anomaly(self, value: float) -> bool:
         """Whether ``value`` breaks all three limits against the current history (no state change)."""
-        if len(self.history) < self.min_samples or math.isnan(value):
+        rule = self.rule
+        if len(self.history) < rule.min_samples or math.isnan(value):
             return False
         mean = self.mean()
-        return value > self.absolute_threshold and value > self.threshold() and value > self.multiplier * mean
+        return value > rule.absolute_threshold and value > self.threshold() and value > rule.multiplier * mean
 
     def observe(self, value: float) -> SpikeVerdict:
         """Feed one sample; returns whether it was anomalous and whether the run of anomalies
-        reached ``min_consecutive`` (panic). A normal sample is appended and clears the run."""
+        reached ``rule.min_consecutive`` (panic). A normal sample is appended and clears the run."""
         threshold = self.threshold()
+        warming_up = len(self.history) < self.rule.min_samples
+        needed = self.rule.min_consecutive
         if math.isnan(value):
-            return SpikeVerdict(
-                False, False, len(self.history) < self.min_samples, threshold, self.consecutive
-            )
-        if len(self.history) < self.min_samples:
+            return SpikeVerdict(False, False, warming_up, threshold, self.consecutive)
+        if warming_up:
             if math.isfinite(value):
                 self.history.append(value)
                 self.consecutive = 0
                 return SpikeVerdict(False, False, True, threshold, 0)
             # +inf while warming up cannot be judged statistically but is never normal either.
             self.consecutive += 1
-            return SpikeVerdict(
-                True, self.consecutive >= self.min_consecutive, True, threshold, self.consecutive
-            )
+            return SpikeVerdict(True, self.consecutive >= needed, True, threshold, self.consecutive)
         if self.is_anomaly(value):
             self.consecutive += 1
-            return SpikeVerdict(
-                True, self.consecutive >= self.min_consecutive, False, threshold, self.consecutive
-            )
+            return SpikeVerdict(True, self.consecutive >= needed, False, threshold, self.consecutive)
         self.history.append(value)
         self.consecutive = 0
         return SpikeVerdict(False, False, False, threshold, 0)
@@ -204,30 +157,19 @@ class VitalSigns:
 
 
 class LossMonitor:
-    """The loss watchdog of DESIGN.md "Vital signs" (pure Python, no device work except reading a
-    tensor loss). Units: losses in nats; ``random_guess_loss`` defaults to ln(10)."""
+    """The loss watchdog of the "Vital signs" contract (docs/architecture.md; pure Python, no
+    device work except reading a tensor loss). Units: losses in nats. ``config`` holds the
+    settings (default: the original Governor's); :meth:`configure` hands a new one down."""
 
-    def __init__(
-        self,
-        *,
-        sensitivity: float = DEFAULT_GOVERNOR_SENSITIVITY,
-        multiplier: float = DEFAULT_GOVERNOR_LOSS_MULTIPLIER,
-        absolute_threshold: float = DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
-        history_window: int = DEFAULT_GOVERNOR_HISTORY_WINDOW,
-        min_panics_before_rollback: int = DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
-        random_guess_loss: float | None = None,
-    ) -> None:
-        self.spikes = SpikeDetector(
-            history_window=history_window,
-            sensitivity=sensitivity,
-            multiplier=multiplier,
-            absolute_threshold=absolute_threshold,
-            min_consecutive=min_panics_before_rollback,
-        )
-        guess = math.log(10) if random_guess_loss is None else random_guess_loss
-        if check_number("random_guess_loss", guess) <= 0:
-            raise ValueError(f"random_guess_loss must be a positive finite number or None, got {guess!r}")
-        self.random_guess_loss = float(guess)
+    def __init__(self, config: WatchConfig | None = None) -> None:
+        config = WatchConfig() if config is None else config
+        self.spikes = SpikeDetector(config.loss_rule(), config.history_window)
+        self.random_guess_loss = float(config.random_guess_loss)  # type: ignore[arg-type]
+
+    def configure(self, config: WatchConfig) -> None:
+        """Apply changed settings; the history is kept."""
+        self.spikes.rule = config.loss_rule()
+        self.random_guess_loss = float(config.random_guess_loss)  # type: ignore[arg-type]
 
     @property
     def history(self) -> deque[float]:
@@ -243,7 +185,7 @@ class LossMonitor:
 
     def is_lobotomy(self, loss: float) -> bool:
         """A sudden fall back to the random-guess loss from a history well below it."""
-        if len(self.history) < self.spikes.min_samples:
+        if len(self.history) < self.spikes.rule.min_samples:
             return False
         guess = self.random_guess_loss
         return (
@@ -278,12 +220,10 @@ __all__ = [
     "REASON_NAN",
     "REASON_NONFINITE_GRADS",
     "REASON_NONFINITE_PARAMS",
-    "DEFAULT_GRAD_NORM_MULTIPLIER",
     "LossMonitor",
     "SpikeDetector",
     "SpikeVerdict",
     "VitalSigns",
     "check_loss_tensor",
-    "check_number",
     "coerce_loss",
 ]

@@ -12,22 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tolaria.constants import (
-    DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
-    DEFAULT_GOVERNOR_HISTORY_WINDOW,
-    DEFAULT_GOVERNOR_LOSS_MULTIPLIER,
-    DEFAULT_GOVERNOR_SENSITIVITY,
-    DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
-)
+from tolaria.config import WatchConfig
 from tolaria.health import HealthReport
 from tolaria.vitals import (
-    DEFAULT_GRAD_NORM_MULTIPLIER,
     REASON_GRAD_EXPLOSION,
     REASON_NONFINITE_GRADS,
     REASON_NONFINITE_PARAMS,
     LossMonitor,
     SpikeDetector,
-    check_number,
 )
 
 
@@ -58,62 +50,25 @@ class Watch:
     """All the Governor detects with: the loss monitor, a gradient-norm detector (its own
     history, the same sensitivity and consecutive rule, its own ``grad_norm_multiplier``, no
     absolute floor because norms have no fixed scale), and the last panic, which waits for a
-    rollback to report it."""
+    rollback to report it. Only this class writes the pending panic."""
 
-    #: Run-time settings: name → (attribute of SpikeDetector, monitors it applies to).
-    SETTINGS = {
-        "sensitivity": ("sensitivity", ("loss", "grad")),
-        "multiplier": ("multiplier", ("loss",)),
-        "absolute_threshold": ("absolute_threshold", ("loss",)),
-        "min_panics_before_rollback": ("min_consecutive", ("loss", "grad")),
-        "grad_norm_multiplier": ("multiplier", ("grad",)),
-    }
-
-    def __init__(
-        self,
-        *,
-        sensitivity: float = DEFAULT_GOVERNOR_SENSITIVITY,
-        multiplier: float = DEFAULT_GOVERNOR_LOSS_MULTIPLIER,
-        absolute_threshold: float = DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
-        history_window: int = DEFAULT_GOVERNOR_HISTORY_WINDOW,
-        min_panics_before_rollback: int = DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
-        random_guess_loss: float | None = None,
-        grad_norm_multiplier: float = DEFAULT_GRAD_NORM_MULTIPLIER,
-    ) -> None:
-        self.loss = LossMonitor(
-            sensitivity=sensitivity,
-            multiplier=multiplier,
-            absolute_threshold=absolute_threshold,
-            history_window=history_window,
-            min_panics_before_rollback=min_panics_before_rollback,
-            random_guess_loss=random_guess_loss,
-        )
-        self.grad_norms = SpikeDetector(
-            history_window=history_window,
-            sensitivity=sensitivity,
-            multiplier=check_number("grad_norm_multiplier", grad_norm_multiplier, minimum=0.0),
-            absolute_threshold=0.0,
-            min_consecutive=min_panics_before_rollback,
-        )
+    def __init__(self, config: WatchConfig | None = None) -> None:
+        self.config = WatchConfig() if config is None else config
+        self.loss = LossMonitor(self.config)
+        self.grad_norms = SpikeDetector(self.config.grad_norm_rule(), self.config.history_window)
         self.pending: Panic | None = None
 
-    def _detectors(self, name: str) -> tuple[str, list[SpikeDetector]]:
-        attr, monitors = self.SETTINGS[name]
-        return attr, [self.loss.spikes if m == "loss" else self.grad_norms for m in monitors]
-
-    def setting(self, name: str) -> float | int:
-        attr, detectors = self._detectors(name)
-        return getattr(detectors[0], attr)  # type: ignore[no-any-return]
-
-    def configure(self, name: str, value: object) -> None:
-        """Change one of ``SETTINGS`` at run time; validated like the constructor argument
-        (TypeError/ValueError naming ``name``)."""
-        attr, detectors = self._detectors(name)
-        integer = attr == "min_consecutive"
-        low = 1 if integer else (0.0 if attr == "sensitivity" or name == "grad_norm_multiplier" else None)
-        number = check_number(name, value, minimum=low, integer=integer)
-        for detector in detectors:
-            setattr(detector, attr, int(number) if integer else number)
+    def configure(self, config: WatchConfig) -> None:
+        """Hand changed settings (already validated by :class:`WatchConfig`) to both monitors;
+        histories and anomaly runs are kept. ``history_window`` cannot change at run time."""
+        if config.history_window != self.config.history_window:
+            raise ValueError(
+                f"history_window is fixed once the Governor is built ({self.config.history_window}); "
+                f"got {config.history_window}"
+            )
+        self.config = config
+        self.loss.configure(config)
+        self.grad_norms.rule = config.grad_norm_rule()
 
     @property
     def anomaly_streak(self) -> int:
@@ -121,15 +76,20 @@ class Watch:
         one is building, 0 after a normal sample of each."""
         return max(self.loss.consecutive_panics, self.grad_norms.consecutive)
 
-    def observe_loss(self, loss: object) -> Panic | None:
-        """Judge one loss (see :class:`LossMonitor`); a panic is also kept as ``pending``."""
+    def observe_loss(self, loss: object, step: int | None = None) -> Panic | None:
+        """Judge one loss (see :class:`LossMonitor`); a panic is also kept as ``pending``.
+        ``step`` labels a deferred verdict's step (None for a blocking check)."""
         signs = self.loss.check(loss)
         if signs.reason is None:
             return None
-        return self._keep(Panic(signs.reason, signs.loss, signs.threshold, signs.consecutive_panics))
+        return self.keep(
+            Panic(reason=signs.reason, loss=signs.loss, threshold=signs.threshold,
+                  consecutive=signs.consecutive_panics, step=step)
+        )  # fmt: skip
 
-    def observe_tensors(self, report: HealthReport, n_params: int) -> Panic | None:
-        """Judge a report over parameters (its first ``n_params`` entries) then gradients.
+    def observe_tensors(self, report: HealthReport, n_params: int, step: int | None = None) -> Panic | None:
+        """Judge a report over parameters (its first ``n_params`` entries) then gradients;
+        ``step`` as for :meth:`observe_loss`.
 
         Non-finite parameters win over non-finite gradients, which win over a gradient-norm
         explosion. Only a step with finite gradients feeds the norm history, so it stays
@@ -140,21 +100,26 @@ class Watch:
         grad_norm = gradient_norm(report, n_params)
         if report.first_bad is not None:  # a healthy step skips both per-tensor walks
             bad_param = next((names[i] for i in range(n_params) if nonfinite[i]), None)
-            if bad_param is not None:
-                return self._keep(Panic(REASON_NONFINITE_PARAMS, math.nan, math.nan, 1, bad_param, grad_norm))
             bad_grad = next((names[i] for i in range(n_params, len(names)) if nonfinite[i]), None)
-            if bad_grad is not None:
-                return self._keep(Panic(REASON_NONFINITE_GRADS, math.nan, math.nan, 1, bad_grad, grad_norm))
+            reason = REASON_NONFINITE_PARAMS if bad_param is not None else REASON_NONFINITE_GRADS
+            first_bad = bad_param if bad_param is not None else bad_grad
+            if first_bad is not None:
+                return self.keep(
+                    Panic(reason=reason, loss=math.nan, threshold=math.nan, consecutive=1,
+                          first_bad=first_bad, grad_norm=grad_norm, step=step)
+                )  # fmt: skip
         if not norms:
             return None
         verdict = self.grad_norms.observe(grad_norm)
         if not verdict.panic:
             return None
-        return self._keep(
-            Panic(REASON_GRAD_EXPLOSION, math.nan, verdict.threshold, verdict.consecutive, None, grad_norm)
-        )
+        return self.keep(
+            Panic(reason=REASON_GRAD_EXPLOSION, loss=math.nan, threshold=verdict.threshold,
+                  consecutive=verdict.consecutive, grad_norm=grad_norm, step=step)
+        )  # fmt: skip
 
-    def _keep(self, panic: Panic) -> Panic:
+    def keep(self, panic: Panic) -> Panic:
+        """Make ``panic`` the one awaiting a rollback (a check's own, or the group's agreed one)."""
         self.pending = panic
         return panic
 
@@ -163,9 +128,11 @@ class Watch:
         ``manual_reason``, NaN loss, the current loss threshold (and False)."""
         if self.pending is not None:
             return self.pending, True
-        return Panic(
-            manual_reason, math.nan, self.loss.spikes.threshold(), self.loss.consecutive_panics
-        ), False
+        stand_in = Panic(
+            reason=manual_reason, loss=math.nan, threshold=self.loss.spikes.threshold(),
+            consecutive=self.loss.consecutive_panics,
+        )  # fmt: skip
+        return stand_in, False
 
     def clear_panic(self) -> None:
         """After a rollback: no pending panic, both anomaly runs back to 0 (histories kept)."""

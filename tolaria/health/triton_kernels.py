@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tolaria.backends import triton_interpreting
+from tolaria._ext import triton_interpreting
 
 # Read the way Triton reads the flag (1/true/yes/on), so the dispatcher knows whether the kernels below
 # were built for the interpreter (CPU tensors allowed) or for the GPU.

@@ -24,8 +24,8 @@ import torch
 
 from tolaria.health import BACKENDS as HEALTH_BACKENDS
 from tolaria.health import HealthReport, check_tensors
-from tolaria.snapshot.buffered import BufferedStore
 from tolaria.snapshot.store import (
+    BufferedStore,
     CaptureTicket,
     NamedTensors,
     Resolution,
@@ -33,6 +33,7 @@ from tolaria.snapshot.store import (
     check_restore_targets,
     normalize_named_tensors,
 )
+from tolaria.snapshot.ties import storage_groups
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +42,18 @@ _Signature = tuple[tuple[str, tuple[int, ...], torch.dtype, str, int], ...]
 
 
 def _structure(items: Sequence[tuple[str, torch.Tensor]]) -> tuple[_Signature, list[int]]:
-    """The layout-relevant structure of a tensor set, and for each key its storage group.
-
-    Two keys are one group when they are the same view of the same memory (device, address,
-    shape, stride, dtype): tied weights. Partially overlapping views are kept apart; they are
-    captured at the same instant, so restoring both writes consistent values.
-    """
-    groups: dict[tuple[object, ...], int] = {}
-    group_of: list[int] = []
-    signature = []
-    for key, tensor in items:
-        ident = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        group = groups.setdefault(ident, len(groups))
-        group_of.append(group)
-        signature.append((key, tuple(tensor.shape), tensor.dtype, tensor.device.type, group))
-    return tuple(signature), group_of
+    """The layout-relevant structure of a tensor set, and for each key its storage group
+    (:func:`tolaria.snapshot.ties.storage_groups`; each empty tensor gets a group of its own)."""
+    group_of, group_first = storage_groups([tensor for _, tensor in items])
+    next_group = len(group_first)
+    for index, group in enumerate(group_of):
+        if group < 0:
+            group_of[index], next_group = next_group, next_group + 1
+    signature = tuple(
+        (key, tuple(tensor.shape), tensor.dtype, tensor.device.type, group)
+        for (key, tensor), group in zip(items, group_of, strict=True)
+    )
+    return signature, group_of
 
 
 def _pinned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -13,27 +13,30 @@ health check found finite, and at most one *staged* capture. The life of a captu
    in place (``tensor.data.copy_``), so ``nn.Parameter`` objects keep their identity and
    optimizers keep pointing at them.
 
-The Governor owns the policy (when to capture, what to do with a rejected capture); the store
-owns the bytes. The reference store (:mod:`tolaria.snapshot.reference`) is the pure-PyTorch
-implementation and the oracle for the native engine (:mod:`tolaria.snapshot.native`).
+The store owns the bytes; whether a capture becomes the LKG is decided in :mod:`tolaria.commit`.
+The reference store (:mod:`tolaria.snapshot.reference`) is the pure-PyTorch implementation and
+the oracle for the native engine (:mod:`tolaria.snapshot.native`). Both derive from
+:class:`BufferedStore`, the double-buffer base below.
 """
 
 from __future__ import annotations
 
 import abc
-import copy
-import weakref
-from collections.abc import Callable, Container, Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
-from tolaria.health import HealthReport
+from tolaria.health.report import HealthReport
+from tolaria.telemetry import hub as telemetry_hub
+from tolaria.telemetry.payloads import Severity, SnapshotDegradedPayload, TelemetryEventType
 
 if TYPE_CHECKING:
-    from tolaria.telemetry import TelemetryHub
+    from tolaria.telemetry.hub import TelemetryHub
+
+logger = logging.getLogger(__name__)
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -166,6 +169,11 @@ class SnapshotStore(abc.ABC):
         capture is pending. Never raises for a sick capture: that is ``committed=False``."""
 
     @abc.abstractmethod
+    def resolve_agreed(self, agree: Callable[[bool], bool]) -> Resolution | None:
+        """:meth:`resolve`, committing only if ``agree(healthy)`` allows it (the rank vote);
+        see :meth:`BufferedStore.resolve_agreed` for the full contract."""
+
+    @abc.abstractmethod
     def restore(self, targets: NamedTensors) -> RestoreResult:
         """Write the committed LKG into the live ``targets`` (matched by key), in place and
         bit-exact; tensors that shared memory at capture time all receive the shared value.
@@ -227,7 +235,80 @@ class SnapshotStore(abc.ABC):
         """Release buffers (optional); the store must not be used afterwards."""
         return None
 
-    # -- two-phase resolve: verify, agree, then commit or discard -------------------------------
+
+# -- the double-buffer base of both stores -------------------------------------------------
+# Both stores keep the same four pieces of state, and the agreed commit works on exactly those:
+# ``_lkg`` (the committed buffer, with its ``meta``), ``_spare`` (a buffer the next capture
+# reuses: the previous LKG after a commit), ``_pending`` (the capture staged and not yet
+# resolved, at most one) and ``_lkg_dict`` (the ``last_good_state`` dict of the current LKG,
+# built on first read). A subclass supplies the buffers, ``capture``/``resolve``/``restore``/
+# ``keys`` and :meth:`BufferedStore._lkg_views`.
+
+
+class BufferedStore(SnapshotStore):
+    """Base of the stores that commit by swapping a staging buffer in as the LKG."""
+
+    def __init__(self) -> None:
+        self._lkg: Any = None
+        self._spare: Any = None
+        self._pending: Any = None
+        self._lkg_dict: dict[str, torch.Tensor] | None = None
+        self._last_resolution: Resolution | None = None
+        self._reported_degraded = False
+
+    @abc.abstractmethod
+    def _lkg_views(self) -> dict[str, torch.Tensor]:
+        """``key -> view`` over the committed buffer (``self._lkg`` is not None here)."""
+
+    # -- inspection ----------------------------------------------------------------------------
+    @property
+    def last_good_state(self) -> dict[str, torch.Tensor] | None:
+        if self._pending is not None:
+            self.resolve()
+        if self._lkg is None:
+            return None
+        if self._lkg_dict is None:
+            self._lkg_dict = self._lkg_views()
+        return self._lkg_dict
+
+    @property
+    def lkg_meta(self) -> object:
+        if self._pending is not None:
+            self.resolve()
+        return None if self._lkg is None else self._lkg.meta
+
+    @property
+    def has_lkg(self) -> bool:
+        return self._lkg is not None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def last_resolution(self) -> Resolution | None:
+        return self._last_resolution
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the committed LKG lives in pinned memory."""
+        return self._lkg is not None and bool(self._lkg.pinned)
+
+    def _report_degraded(self, reason: str) -> None:
+        """Pinning failed and pageable memory is used: log every time, emit telemetry once."""
+        logger.warning("%s snapshot memory could not be pinned, using pageable: %s", self.backend, reason)
+        if self._reported_degraded:
+            return
+        self._reported_degraded = True
+        telemetry_hub.emit_event(
+            TelemetryEventType.SNAPSHOT_DEGRADED,
+            Severity.WARNING,
+            f"{self.backend} snapshot memory is pageable: pinning failed",
+            SnapshotDegradedPayload(backend=self.backend, mode="pageable", reason=reason),
+            hub=self.hub_source() if self.hub_source is not None else None,
+        )
+
+    # -- two-phase resolve: verify, agree, then commit or take back ----------------------------
     def resolve_agreed(self, agree: Callable[[bool], bool]) -> Resolution | None:
         """Like :meth:`resolve`, but the pending capture is committed only if ``agree`` allows it.
 
@@ -237,15 +318,33 @@ class SnapshotStore(abc.ABC):
         (with False, before the error propagates), so a collective inside it is entered by every
         rank; it is not called when nothing is pending (the result is then None). A healthy
         capture that ``agree`` rejects is discarded and the previous LKG stays committed
-        (``committed=False, vetoed=True``).
-
-        Both stores implement it (:class:`tolaria.snapshot.buffered.BufferedStore`); this default
-        vetoes and raises NotImplementedError for a store that cannot take a commit back.
+        (``committed=False, vetoed=True``): :meth:`resolve` commits, then the commit is taken
+        back by swapping the buffers again.
         """
         if not self.in_flight:
             return None
-        agree(False)
-        raise NotImplementedError(f"{type(self).__name__} must implement resolve_agreed()")
+        previous = self._lkg
+        try:
+            resolution = self.resolve()
+        except BaseException:
+            agree(False)
+            raise
+        if resolution is None:  # pragma: no cover - in_flight promised a pending capture
+            agree(False)
+            return None
+        if agree(resolution.committed) or not resolution.committed:
+            return resolution
+        return self._revert_commit(previous, resolution)
+
+    def _revert_commit(self, previous: object, resolution: Resolution) -> Resolution:
+        """Take back the commit :meth:`resolve` just made: its buffer becomes the spare again (its
+        meta dropped, as for a sick capture) and ``previous`` (the committed buffer before it, or
+        None) is the LKG again."""
+        rejected = self._lkg
+        rejected.meta = None
+        vetoed = Resolution(False, resolution.keys, resolution.nbytes, resolution.report, None, vetoed=True)
+        self._lkg, self._spare, self._lkg_dict, self._last_resolution = previous, rejected, None, vetoed
+        return vetoed
 
 
 def require_default_stream(device: torch.device, caller: str) -> None:
@@ -263,153 +362,9 @@ def require_default_stream(device: torch.device, caller: str) -> None:
         )
 
 
-# -- what a capture holds besides plain parameters -------------------------------------------
-# Helpers for store users (the Governor): split a model's state dict, and turn optimizer state
-# into (key, tensor) pairs plus a small description, so that any store (reference or native)
-# captures, verifies and commits the optimizer together with the weights, atomically.
-
-#: Keys of optimizer-state tensors in a store; ``@`` never starts a state-dict key.
-OPTIMIZER_KEY_PREFIX = "@optimizer/"
-_EXTRA_STATE = "_extra_state"
-
-
-def state_dict_entries(
-    model: nn.Module, excluded: Callable[[str], bool]
-) -> tuple[list[tuple[str, torch.Tensor]], dict[str, object], tuple[str, ...]]:
-    """Split ``model.state_dict(keep_vars=True)`` into tensors, non-tensor entries (module extra
-    state, kept by key) and the keys for which ``excluded(key)`` is true. Tensors are the live
-    ones (not copies); parameters keep their identity."""
-    tensors: list[tuple[str, torch.Tensor]] = []
-    extras: dict[str, object] = {}
-    dropped: list[str] = []
-    for key, value in model.state_dict(keep_vars=True).items():
-        if excluded(key):
-            dropped.append(key)
-        elif isinstance(value, torch.Tensor):
-            tensors.append((key, value))
-        else:
-            extras[key] = value
-    return tensors, extras, tuple(dropped)
-
-
-def restore_extra_state(model: nn.Module, saved: Mapping[str, object], live_keys: Container[str]) -> None:
-    """Give each module whose ``_extra_state`` key is in both ``saved`` and ``live_keys`` a deep
-    copy of its saved extra state (a copy, so the LKG survives for the next rollback)."""
-    for key, value in saved.items():
-        if key not in live_keys or not key.endswith(_EXTRA_STATE):
-            continue
-        module = model.get_submodule(key[: -len(_EXTRA_STATE)].rstrip("."))
-        module.set_extra_state(copy.deepcopy(value))
-
-
-@dataclass(frozen=True)
-class OptimizerSnapshot:
-    """The shape of an optimizer's state at capture time: for each parameter (a weak reference,
-    so pruned parameters are not kept alive), each state entry is either ``("tensor", key,
-    device)`` — the value lives in the store under ``key`` — or ``("value", deep copy)``."""
-
-    optimizer: weakref.ref[torch.optim.Optimizer]
-    per_param: tuple[tuple[weakref.ref[torch.Tensor], dict[str, tuple[Any, ...]]], ...]
-
-
-def optimizer_entries(
-    optimizer: torch.optim.Optimizer | None,
-) -> tuple[list[tuple[str, torch.Tensor]], OptimizerSnapshot | None]:
-    """The optimizer's per-parameter state as store entries plus its :class:`OptimizerSnapshot`.
-    Parameter-group hyperparameters (the learning rate, owned by schedulers) are not captured."""
-    if optimizer is None:
-        return [], None
-    tensors: list[tuple[str, torch.Tensor]] = []
-    per_param = []
-    index = 0
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            spec: dict[str, tuple[Any, ...]] = {}
-            for name, value in (optimizer.state.get(param) or {}).items():
-                if isinstance(value, torch.Tensor):
-                    key = f"{OPTIMIZER_KEY_PREFIX}{index}/{name}"
-                    tensors.append((key, value))
-                    spec[name] = ("tensor", key, value.device)
-                else:
-                    spec[name] = ("value", copy.deepcopy(value))
-            per_param.append((weakref.ref(param), spec))
-            index += 1
-    return tensors, OptimizerSnapshot(weakref.ref(optimizer), tuple(per_param))
-
-
-def _reusable(current: object, kept: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    if not isinstance(current, torch.Tensor):
-        return None
-    fits = current.shape == kept.shape and current.dtype == kept.dtype and current.device == device
-    return current if fits else None
-
-
-def optimizer_restore_plan(
-    optimizer: torch.optim.Optimizer | None, snap: OptimizerSnapshot | None, saved: Mapping[str, torch.Tensor]
-) -> tuple[list[tuple[str, torch.Tensor]], Callable[[], str]]:
-    """Plan how to put ``snap`` back into ``optimizer``.
-
-    Returns restore targets for the store (live state tensors reused in place when their shape,
-    dtype and device fit, fresh ones otherwise) and a ``finish()`` to call once the store has
-    written them: it installs the captured per-parameter state and returns ``"restored"``. If
-    ``snap`` was not taken of this very optimizer, there are no targets and ``finish()`` clears
-    the optimizer's per-parameter state entirely (``"cleared"``): stale moments with a stale step
-    count make the next updates far too large. Without an optimizer: ``"untouched"``.
-
-    Parameters are matched by identity (a rollback keeps Parameter objects), so the mapping of
-    state to parameters survives; a parameter without captured state ends with no state.
-    """
-    if optimizer is None:
-        return [], lambda: "untouched"
-    if snap is None or snap.optimizer() is not optimizer:
-
-        def clear() -> str:
-            optimizer.state.clear()
-            return "cleared"
-
-        return [], clear
-    captured = {id(ref()): (ref, spec) for ref, spec in snap.per_param if ref() is not None}
-    targets: list[tuple[str, torch.Tensor]] = []
-    new_state: dict[torch.Tensor, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        group_params: list[torch.Tensor] = group["params"]
-        for param in group_params:
-            param_ref, spec = captured.get(id(param), (None, {}))
-            if param_ref is None or param_ref() is not param:
-                new_state[param] = {}
-                continue
-            live = optimizer.state.get(param) or {}
-            state: dict[str, Any] = {}
-            for name, entry in spec.items():
-                if entry[0] != "tensor":
-                    state[name] = copy.deepcopy(entry[1])
-                    continue
-                key, device = entry[1], entry[2]
-                kept = saved[key]
-                # Reuse a fitting live tensor, so whatever else holds it sees the restored values.
-                target = _reusable(live.get(name), kept, device)
-                if target is None:
-                    target = torch.empty(kept.shape, dtype=kept.dtype, device=device)
-                targets.append((key, target))
-                state[name] = target
-            new_state[param] = state
-
-    def install() -> str:
-        for owner, owner_state in new_state.items():
-            if owner_state:
-                optimizer.state[owner] = owner_state
-            else:
-                optimizer.state.pop(owner, None)
-        return "restored"
-
-    return targets, install
-
-
 __all__ = [
-    "OPTIMIZER_KEY_PREFIX",
-    "require_default_stream",
+    "BufferedStore",
     "CaptureTicket",
-    "OptimizerSnapshot",
     "NamedTensors",
     "Resolution",
     "RestoreResult",
@@ -417,8 +372,5 @@ __all__ = [
     "SnapshotStore",
     "check_restore_targets",
     "normalize_named_tensors",
-    "optimizer_entries",
-    "optimizer_restore_plan",
-    "restore_extra_state",
-    "state_dict_entries",
+    "require_default_stream",
 ]

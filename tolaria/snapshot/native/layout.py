@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from tolaria.snapshot.ties import storage_groups
+
 # Column by column: keys, dtypes, shapes, devices, contiguity, types, lazy negation (a view
 # whose bytes are the negated values, torch._neg_view). Any change to these forces
 # a new plan; data addresses may change freely (they are read on every capture).
@@ -142,25 +144,13 @@ class ArenaPlan:
         self.device = _primary_device(items)
         on_cuda = self.device.type == "cuda"
 
-        groups: dict[tuple[Any, ...], int] = {}
-        group_first: list[int] = []
-        key_group: list[int] = []
-        self.tied: list[tuple[int, int]] = []  # (key index, index of the key it shares memory with)
-        for index, (_, tensor) in enumerate(items):
-            if tensor.numel() == 0:
-                key_group.append(-1)
-                continue
-            # A conjugate or negative view reads other values from the same memory: not a tie.
-            ident = (
-                tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
-                tensor.is_conj(), tensor.is_neg(),
-            )  # fmt: skip
-            group = groups.setdefault(ident, len(group_first))
-            if group == len(group_first):
-                group_first.append(index)
-            else:
-                self.tied.append((index, group_first[group]))
-            key_group.append(group)
+        key_group, group_first = storage_groups([tensor for _, tensor in items])
+        # (key index, index of the key it shares memory with)
+        self.tied: list[tuple[int, int]] = [
+            (index, group_first[group])
+            for index, group in enumerate(key_group)
+            if group >= 0 and group_first[group] != index
+        ]
 
         # Arena order: by dtype (in order of first appearance), then key order, so each dtype is
         # one run of slots and the staging buffer can be health-checked one region per dtype.

@@ -1,6 +1,6 @@
 """The CUDA half of the native snapshot store: side streams, events and the capture sequence.
 
-See :mod:`tolaria.snapshot.native` for the ordering argument; this module only carries it out.
+See :mod:`tolaria.snapshot.native.store` for the ordering argument; this module only carries it out.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from tolaria.health import HealthHandle, check_tensors, triton_status
-from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer
+from tolaria.backends import triton_health
+from tolaria.health import HealthHandle, check_tensors
+from tolaria.snapshot.native.layout import ArenaPlan, HostBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class CudaEngine:
         if health_backend in self._judged_backends:
             return
         self._judged_backends.add(health_backend)
-        if health_backend == "triton" or (health_backend == "auto" and triton_status()[0]):
+        if health_backend == "triton" or (health_backend == "auto" and triton_health() is not None):
             return
         logger.warning(
             "snapshot capture on CUDA waits for the parameters' device-to-host copy: its health check "

@@ -1,14 +1,9 @@
-"""Typed telemetry: what the watchdog saw and did, as events a person or a program can read.
+"""Typed telemetry: the event types, their frozen payload dataclasses, and the event itself.
 
-An event is a :class:`TelemetryEvent` whose ``data`` is one of the frozen payload dataclasses
-below. Events go to the process-wide :class:`TelemetryHub` (``get_hub()``), which hands them to
-its sinks: Python logging (the default), a JSONL file, or a callback. A sink that raises is
-reported through :mod:`logging` and never propagates into the code that emitted the event:
-a broken dashboard must not break a rollback.
-
-Nothing is pickled: events serialise to JSON. Non-finite floats (a NaN loss is a normal thing
-to report) are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that
-every line is strict JSON; ``from_dict`` turns them back into floats.
+An event is a :class:`TelemetryEvent` whose ``data`` is one of the payloads below. Nothing is
+pickled: events serialise to JSON. Non-finite floats (a NaN loss is a normal thing to report)
+are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that every line is
+strict JSON; ``from_dict`` turns them back into floats.
 """
 
 from __future__ import annotations
@@ -18,14 +13,10 @@ import enum
 import json
 import logging
 import math
-import threading
 import time
 import typing
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, TypeVar
-
-logger = logging.getLogger(__name__)
 
 
 class TelemetryEventType(str, enum.Enum):
@@ -51,7 +42,7 @@ class Severity(str, enum.Enum):
     CRITICAL = "critical"
 
 
-_LOG_LEVELS = {
+LOG_LEVELS = {
     Severity.DEBUG: logging.DEBUG,
     Severity.INFO: logging.INFO,
     Severity.WARNING: logging.WARNING,
@@ -265,159 +256,16 @@ class TelemetryEvent:
         )
 
 
-class TelemetrySink:
-    """Receives events. Subclasses override :meth:`emit`; :meth:`close` releases resources."""
-
-    def emit(self, event: TelemetryEvent) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        return None
-
-
-class LoggingSink(TelemetrySink):
-    """Writes each event to a :mod:`logging` logger at the level matching its severity."""
-
-    def __init__(self, logger_name: str = "tolaria.events") -> None:
-        self.logger = logging.getLogger(logger_name)
-
-    def emit(self, event: TelemetryEvent) -> None:
-        level = _LOG_LEVELS[event.severity]
-        if self.logger.isEnabledFor(level):
-            self.logger.log(
-                level, "%s: %s %s", event.event_type.value, event.message, event.to_dict()["data"]
-            )
-
-
-class JsonlSink(TelemetrySink):
-    """Appends one JSON object per line to ``path`` and flushes after every event, so a crash
-    loses at most the event being written. Thread-safe."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._file: typing.TextIO | None = self.path.open("a", encoding="utf-8")
-
-    def emit(self, event: TelemetryEvent) -> None:
-        line = event.to_json()
-        with self._lock:
-            if self._file is None:
-                raise RuntimeError(f"JsonlSink({str(self.path)!r}) is closed")
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-
-class CallbackSink(TelemetrySink):
-    """Calls ``callback(event)`` for every event."""
-
-    def __init__(self, callback: Callable[[TelemetryEvent], object]) -> None:
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self.callback = callback
-
-    def emit(self, event: TelemetryEvent) -> None:
-        self.callback(event)
-
-
-class TelemetryHub:
-    """Fans events out to sinks. ``emit`` never raises because of a sink: failures are logged."""
-
-    def __init__(self, sinks: typing.Iterable[TelemetrySink] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._sinks: list[TelemetrySink] = list(sinks) if sinks is not None else []
-
-    @property
-    def sinks(self) -> tuple[TelemetrySink, ...]:
-        return tuple(self._sinks)
-
-    def add_sink(self, sink: TelemetrySink | Callable[[TelemetryEvent], object]) -> TelemetrySink:
-        """Register ``sink`` (a :class:`TelemetrySink` or a plain callable); returns the sink object
-        to pass to :meth:`remove_sink`."""
-        wrapped = sink if isinstance(sink, TelemetrySink) else CallbackSink(sink)
-        with self._lock:
-            self._sinks.append(wrapped)
-        return wrapped
-
-    def remove_sink(self, sink: TelemetrySink) -> None:
-        with self._lock:
-            self._sinks = [s for s in self._sinks if s is not sink]
-
-    def clear_sinks(self) -> None:
-        with self._lock:
-            self._sinks = []
-
-    def emit(self, event: TelemetryEvent) -> None:
-        # Copy under the lock, call outside it: a slow sink must not block add/remove elsewhere.
-        with self._lock:
-            sinks = list(self._sinks)
-        for sink in sinks:
-            try:
-                sink.emit(event)
-            except Exception:
-                logger.exception(
-                    "telemetry sink %r failed on %s; event dropped for it", sink, event.event_type.value
-                )
-
-
-_hub: TelemetryHub | None = None
-_hub_lock = threading.Lock()
-
-
-def get_hub() -> TelemetryHub:
-    """The process-wide hub, created on first use with a :class:`LoggingSink`."""
-    global _hub
-    with _hub_lock:
-        if _hub is None:
-            _hub = TelemetryHub([LoggingSink()])
-        return _hub
-
-
-def set_hub(hub: TelemetryHub | None) -> TelemetryHub | None:
-    """Replace the process-wide hub (None: a fresh default one on next use); returns the old one."""
-    global _hub
-    if hub is not None and not isinstance(hub, TelemetryHub):
-        raise TypeError(f"hub must be a TelemetryHub or None, got {type(hub).__name__}")
-    with _hub_lock:
-        old, _hub = _hub, hub
-    return old
-
-
-def emit_event(
-    event_type: TelemetryEventType,
-    severity: Severity,
-    message: str,
-    data: TelemetryPayload,
-    hub: TelemetryHub | None = None,
-) -> TelemetryEvent:
-    """Build an event and send it to ``hub`` (default: ``get_hub()``); returns the event."""
-    event = TelemetryEvent(event_type, severity, message, data)
-    (hub if hub is not None else get_hub()).emit(event)
-    return event
-
-
 __all__ = [
+    "LOG_LEVELS",
     "PAYLOAD_TYPES",
-    "CallbackSink",
     "GovernorPanicPayload",
     "GovernorRollbackPayload",
     "GovernorSnapshotPayload",
     "HealthAlertPayload",
-    "JsonlSink",
-    "LoggingSink",
     "Severity",
     "SnapshotDegradedPayload",
     "TelemetryEvent",
     "TelemetryEventType",
-    "TelemetryHub",
     "TelemetryPayload",
-    "TelemetrySink",
-    "emit_event",
-    "get_hub",
-    "set_hub",
 ]

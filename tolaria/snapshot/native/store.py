@@ -65,10 +65,10 @@ import torch
 
 from tolaria import _ext
 from tolaria.health import HealthHandle, HealthReport, check_tensors
-from tolaria.snapshot.buffered import BufferedStore
-from tolaria.snapshot.native_cuda import CaptureEvents, CudaEngine
-from tolaria.snapshot.native_layout import ArenaPlan, HostBuffer, signature_of
+from tolaria.snapshot.native.cuda import CaptureEvents, CudaEngine
+from tolaria.snapshot.native.layout import ArenaPlan, HostBuffer, signature_of
 from tolaria.snapshot.store import (
+    BufferedStore,
     CaptureTicket,
     NamedTensors,
     Resolution,

@@ -1,0 +1,127 @@
+"""One call checks many tensors: dispatch to the fused Triton kernel or the pure-PyTorch reference.
+
+``backend="auto"`` takes Triton for CUDA tensors when :func:`triton_health` says it imports
+(the answer :mod:`tolaria.backends` and ``tolaria doctor`` give too), the reference otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Literal, overload
+
+import torch
+
+from tolaria.health.reference import reference_check, validate_tensors
+from tolaria.health.report import HealthHandle, HealthReport, ReadyHealth, build_report
+
+BACKENDS = ("auto", "triton", "reference")
+
+_triton_plan: ModuleType | None = None
+_triton_error: str | None = None
+
+
+def triton_health() -> ModuleType | None:
+    """The Triton health path (:mod:`tolaria.health.plan`), imported on first use, or None when
+    it cannot be imported here; :func:`triton_health_error` then says why. This is the one
+    answer to "can the fused check run?": the dispatcher, the snapshot engine and
+    ``doctor`` (through :mod:`tolaria.backends`) all ask it."""
+    global _triton_plan, _triton_error
+    if _triton_plan is None and _triton_error is None:
+        try:
+            from tolaria.health import plan
+
+            _triton_plan = plan
+        except Exception as error:  # ImportError, or a Triton that fails while initializing
+            _triton_error = f"{type(error).__name__}: {error}"
+    return _triton_plan
+
+
+def triton_health_error() -> str | None:
+    """Why :func:`triton_health` returned None (None when it imported, or was never asked)."""
+    return _triton_error
+
+
+@overload
+def check_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], *, backend: str = ..., blocking: Literal[True] = ...
+) -> HealthReport: ...
+
+
+@overload
+def check_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], *, backend: str = ..., blocking: Literal[False]
+) -> HealthHandle: ...
+
+
+@overload
+def check_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], *, backend: str = ..., blocking: bool
+) -> HealthReport | HealthHandle: ...
+
+
+def check_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], *, backend: str = "auto", blocking: bool = True
+) -> HealthReport | HealthHandle:
+    """Check ``(name, tensor)`` pairs such as ``model.named_parameters()`` for NaN/Inf.
+
+    Returns a :class:`HealthReport` (per-tensor lists in input order), or with
+    ``blocking=False`` a :class:`HealthHandle`: on CUDA with the Triton backend its result is
+    being copied into pinned memory behind an event, so ``ready()`` never blocks and the host
+    waits only in ``result()``; otherwise the handle is already ready. Nothing in a
+    non-blocking call waits for the device, including the first reuse of a tensor set (when
+    the CUDA graph is captured). The report is built only by ``result()``.
+
+    ``backend``: ``"auto"`` uses Triton for CUDA tensors when it imports, else the reference;
+    ``"triton"`` forces the kernel (CPU tensors only under TRITON_INTERPRET=1);
+    ``"reference"`` forces pure PyTorch. Raises ValueError for an unknown backend, complex
+    tensors or tensors on several devices; RuntimeError when ``"triton"`` cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    pairs = named_tensors if isinstance(named_tensors, (list, tuple)) else list(named_tensors)
+    if not pairs:
+        handle: HealthHandle = ReadyHealth(build_report([], [], [], [], [], backend="reference"))
+        return handle.result() if blocking else handle
+    # A handle keeps the names only: holding the tensors until result() would keep last step's
+    # gradients alive and move this step's to new addresses (a new plan every step).
+    names = [name for name, _ in pairs]
+    tensors = [tensor for _, tensor in pairs]
+    first = tensors[0]
+    if backend == "triton" or (
+        backend == "auto"
+        and isinstance(first, torch.Tensor)
+        and first.is_cuda
+        and triton_health() is not None
+    ):
+        handle = _check_triton(names, tensors)
+    else:
+        validate_tensors(names, tensors)
+        handle = ReadyHealth(reference_check(names, tensors))
+    return handle.result() if blocking else handle
+
+
+def _check_triton(names: list[str], tensors: list[torch.Tensor]) -> HealthHandle:
+    plan_module = triton_health()
+    if plan_module is None:
+        raise RuntimeError(f"backend='triton' needs an importable Triton: {triton_health_error()}")
+    try:
+        plan = plan_module.find_plan(tensors)
+    except (TypeError, AttributeError):  # not all tensors: let validation say which
+        validate_tensors(names, tensors)
+        raise
+    if plan is None:
+        device = validate_tensors(names, tensors)
+        from tolaria.health import triton_kernels
+
+        if device.type != "cuda" and not (device.type == "cpu" and triton_kernels.INTERPRETED):
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
+                f"was set before tolaria.health's kernels were imported; got tensors on {device}. "
+                "Use backend='auto' or 'reference' for CPU tensors."
+            )
+        plan = plan_module.build_plan(tensors)
+    return plan.check(names, tensors)
+
+
+__all__ = ["BACKENDS", "check_tensors", "triton_health", "triton_health_error"]
