@@ -24,6 +24,7 @@ import torch
 from bench import health as health_bench
 from bench import snapshot as snapshot_bench
 from bench import training as training_bench
+from bench.arguments import add_bench_arguments, output_folder_problem
 from bench.common import Measurement, all_finished, device_label, print_report
 from tolaria._version import __version__
 
@@ -149,11 +150,13 @@ def run_all(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tolaria.cli import add_bench_arguments
-
     parser = argparse.ArgumentParser(prog="python -m bench.runner", description=__doc__.splitlines()[0])
     add_bench_arguments(parser)
-    return run_command(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    # Before anything is measured: a bad --out must not cost a whole run.
+    if (problem := output_folder_problem(args.out)) is not None:
+        parser.error(f"--out {args.out}: {problem}")
+    return run_command(args)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -178,8 +181,9 @@ def run_command(args: argparse.Namespace) -> int:
                    "rows": [{**r.as_dict(), "baseline": baseline_of(r.scenario)} for r in rows]}  # fmt: skip
         (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
 
+    # Off a terminal (a log, a pipe) the bar would only leave a blank line behind.
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:  # fmt: skip
+                  console=console, transient=True, disable=not console.is_terminal) as progress:  # fmt: skip
         task = progress.add_task(GROUPS[0][0], total=len(GROUPS))
 
         def advance(done: str) -> None:

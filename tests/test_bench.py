@@ -182,3 +182,86 @@ def test_collecting_something_else_is_refused(tmp_path: Path) -> None:
         collect.collect(tmp_path / "missing", tmp_path)
     with pytest.raises(SystemExit, match="not the output of bench/gpu_check.sh"):
         collect.collect(tmp_path, tmp_path)
+
+
+def test_the_bench_owns_its_options_and_the_cli_takes_them_from_it() -> None:
+    import tolaria.cli as cli
+    from bench import arguments
+
+    assert not hasattr(cli, "add_bench_arguments")
+    args = cli.build_parser().parse_args(["bench", "--quick", "--no-csv", "--out", "x"])
+    assert (args.device, args.quick, args.no_csv, args.out) == (None, True, True, Path("x"))
+    own = runner.argparse.ArgumentParser()
+    arguments.add_bench_arguments(own)
+    assert vars(own.parse_args([])) == {
+        "device": None,
+        "quick": False,
+        "out": Path("bench/out"),
+        "no_csv": False,
+    }
+
+
+def test_without_a_checkout_bench_says_why_whatever_its_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tolaria.cli as cli
+
+    monkeypatch.setattr(cli, "_bench_source_root", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--quick", "--out", "somewhere"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "runs from a source checkout" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit) as exit_info:  # other commands still refuse unknown options
+        cli.main(["doctor", "--quick"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --quick" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "in /proc"])
+@pytest.mark.parametrize("front_door", ["tolaria bench", "python -m bench.runner"])
+def test_an_unusable_out_folder_is_a_usage_error_before_measuring(
+    where: str,
+    front_door: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tolaria.cli import main as tolaria_main
+
+    file = tmp_path / "bench.txt"
+    file.write_text("not a folder")
+    out, reason = {
+        "a file": (file, "it exists and is not a folder"),
+        "under a file": (file / "out", "cannot create the folder"),
+        "in /proc": (Path("/proc/forbidden"), "cannot create the folder"),
+    }[where]
+    if where == "in /proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+
+    def never(args: object) -> int:
+        raise AssertionError("the bench started")
+
+    monkeypatch.setattr(runner, "run_command", never)
+    argv = ["--device", "cpu", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        if front_door == "tolaria bench":
+            tolaria_main(["bench", *argv])
+        else:
+            runner.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: {front_door}" in err and f"--out {out}: {reason}" in err
+    assert "Traceback" not in err
+    assert file.read_text() == "not a folder"
+
+
+def test_an_unwritable_out_folder_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench import arguments
+
+    def refuse(*args: object, **kwargs: object) -> None:  # root may write anywhere
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(arguments.tempfile, "TemporaryFile", refuse)
+    problem = arguments.output_folder_problem(tmp_path / "out")
+    assert problem == "the folder is not writable (Permission denied)"

@@ -3,8 +3,11 @@ written; a missed fault fails the run; bad arguments are usage errors, not trace
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ import pytest
 import tolaria.demo.runner as runner
 from tolaria import telemetry
 from tolaria.cli import main
-from tolaria.demo import DemoConfig, DemoResult, run_demo
+from tolaria.demo import DemoConfig, DemoResult, FaultRecord, run_demo
+from tolaria.demo.report import PLOT_FILE, demo_console, render_summary, write_plot
 from tolaria.governor import TolariaGovernor
 from tolaria.telemetry import TelemetryEvent, TelemetryEventType
 
@@ -41,7 +45,10 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def all_faults(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(DemoConfig(task="cifar10", device="cpu", steps=100, faults=ALL_FAULTS, out_dir=out))
+    result = run_demo(DemoConfig(task="cifar10", device="cpu", steps=100, faults=ALL_FAULTS, out_dir=out))
+    # Presentation follows the run, as in `tolaria demo`: the runner trains, the report plots.
+    result.plot_path = write_plot(result, out / PLOT_FILE)
+    return result
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_REASONS))
@@ -172,3 +179,108 @@ def test_cuda_without_cuda_is_a_usage_error(
         main(["demo", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_run_demo_only_trains_it_neither_prints_nor_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_demo(DemoConfig(task="tinystories", device="cpu", steps=3, faults="none", out_dir=tmp_path))
+    assert len(result.outcomes) == 3 and result.plot_path is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["telemetry.jsonl"]
+    assert capsys.readouterr().out == ""
+
+
+#: Every column header of the fault table, whole.
+HEADERS = ("fault", "injected at", "caught at", "reason", "rollback", "loss before", "loss after", "result")
+
+
+def _fault_row(out: str, kind: str) -> list[str]:
+    (line,) = [line for line in out.splitlines() if line.strip().startswith(kind)]
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_piped_output_is_never_cut_and_has_no_progress_bar(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # stdout is captured (not a terminal) and no COLUMNS says how wide: rich would assume 80.
+    monkeypatch.delenv("COLUMNS")
+    assert not sys.stdout.isatty()
+    status = main(
+        ["demo", "--task", "tinystories", "--device", "cpu", "--steps", "12"]
+        + ["--faults", "inf_grad@6", "--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "…" not in out and "\x1b[" not in out  # nothing cut, no terminal control codes
+    header = next(line for line in out.splitlines() if "injected at" in line)
+    assert re.split(r"\s{2,}", header.strip()) == list(HEADERS)
+    kind, injected, caught, reason, rollback, before, after, result = _fault_row(out, "inf_grad")
+    assert (kind, injected, caught, reason, result) == ("inf_grad", "6", "6", "nonfinite_grads", "recovered")
+    assert re.fullmatch(r"\d+\.\d\d ms", rollback)
+    for number in (before, after):
+        assert math.isfinite(float(number))
+    # Each message is one line, whatever its length.
+    assert any(
+        line.startswith("Governor overhead:") and line.endswith("rollbacks excluded)")
+        for line in out.splitlines()
+    )
+    # The live bar (its task title is the task's name) is not drawn off a terminal.
+    assert not any(line.startswith("tinystories") for line in out.splitlines())
+    assert "━" not in out
+
+
+def test_the_plain_console_keeps_long_numbers_whole() -> None:
+    result = DemoResult("cifar10", "cuda:0 (NVIDIA H100 80GB HBM3)", 100_000, 10, 2.302585)
+    record = FaultRecord("nan_weight", 12_345, 0.000123456, 1.0, 12_345, "governor_nonfinite_params")
+    record.rollback_ms, record.loss_after, record.recovered, record.rollbacks = 1234.56, 0.000234567, True, 2
+    result.faults = [record]
+    buffer = io.StringIO()
+    render_summary(result, demo_console(buffer))
+    out = buffer.getvalue()
+    assert "…" not in out
+    assert _fault_row(out, "nan_weight") == [
+        "nan_weight", "12345", "12345", "nonfinite_params",
+        "1234.56 ms", "0.000123", "0.000235", "recovered (2x)",
+    ]  # fmt: skip
+    assert (
+        "steps are 0-based; losses (nats) are means over 5 steps; reasons without their governor_ prefix"
+        in out
+    )
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "in /proc"])
+def test_an_unusable_out_folder_is_a_usage_error_before_training(
+    where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "results.txt"
+    file.write_text("not a folder")
+    out, reason = {
+        "a file": (file, "it exists and is not a folder"),
+        "under a file": (file / "demo", "cannot create the folder"),
+        "in /proc": (Path("/proc/forbidden"), "cannot create the folder"),
+    }[where]
+    if where == "in /proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+
+    def never(*args: object, **kwargs: object) -> DemoResult:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(runner, "run_demo", never)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cpu", "--steps", "20", "--faults", "none", "--out", str(out)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "usage: tolaria demo" in captured.err and f"--out {out}: {reason}" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""  # not even the header line: nothing started
+    assert file.read_text() == "not a folder"
+
+
+def test_an_unwritable_out_folder_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # root may write anywhere: make the folder unwritable where the check looks.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runner.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ValueError, match=r"the folder is not writable \(Permission denied\)"):
+        runner.prepare_out_dir(tmp_path / "out")

@@ -76,15 +76,15 @@ def _quiet_event_log() -> Any:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    import time
+
+    from rich.markup import escape
 
     from tolaria.demo.faults import FaultSpecError
-    from tolaria.demo.report import live_progress, render_summary
-    from tolaria.demo.runner import DemoConfig, run_demo
-    from tolaria.environment import validate_device
+    from tolaria.demo.report import PLOT_FILE, demo_console, live_progress, render_summary, write_plot
+    from tolaria.demo.runner import DemoConfig, prepare_out_dir, run_demo
+    from tolaria.environment import parse_device, validate_device
 
-    # The plot is the one optional part: without matplotlib the demo still runs and says so.
-    can_plot = importlib.util.find_spec("matplotlib") is not None
     config = DemoConfig(
         task=args.task,
         device=args.device,
@@ -93,33 +93,47 @@ def _run_demo(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         seed=args.seed,
         snapshot_every=args.snapshot_every,
-        plot=can_plot,
     )
     try:
         steps = config.resolved_steps()
         schedule = config.schedule()
+        # The demo's own limit first (a meta or mps device is refused for that, whatever else
+        # validate_device would say), then whether the device exists here.
+        requested = parse_device(config.device)
+        if requested.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device!r}: the demo runs on cpu or cuda, not {requested.type}")
         device = validate_device(config.device)
     except (FaultSpecError, ValueError, RuntimeError) as error:
         raise UsageError(str(error)) from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device!r}: the demo runs on cpu or cuda, not {device.type}")
     if args.faults.strip().lower() == "default" and steps < MIN_STEPS_FOR_DEFAULT_FAULTS:
         raise UsageError(
             f"the default fault schedule needs --steps >= {MIN_STEPS_FOR_DEFAULT_FAULTS} (got {steps}); "
             "pass --faults none or an explicit SPEC such as 'nan_weight@20'"
         )
+    # Last of the checks, as it creates the folder: a bad --out fails here, not after training.
+    try:
+        prepare_out_dir(config.out_dir)
+    except ValueError as error:
+        raise UsageError(f"--out {args.out}: {error}") from None
+    # The plot is the one optional part: without matplotlib the demo still runs and says so.
+    can_plot = importlib.util.find_spec("matplotlib") is not None
 
-    console = Console()
+    console = demo_console()
     faults = ", ".join(str(fault) for fault in schedule) or "none"
     console.print(f"[bold]tolaria demo[/]: {config.task} on {device}, {steps} steps, faults: {faults}")
     with _quiet_event_log(), live_progress(console, steps, config.task) as on_step:
         result = run_demo(config, on_step=on_step)
+    # Presentation, after the run: the plot, then the summary that names it.
+    if can_plot:
+        began = time.perf_counter()
+        result.plot_path = write_plot(result, config.out_dir / PLOT_FILE)
+        result.wall_seconds += time.perf_counter() - began
     render_summary(result, console)
     if not can_plot:
-        console.print("No loss plot: matplotlib is not installed (pip install 'tolaria[demo]')")
+        console.print("No loss plot: matplotlib is not installed (pip install 'tolaria[demo]')", markup=False)
     failures = result.failure_messages()
     for message in failures:
-        console.print(f"[bold red]FAILED[/]: {message}")
+        console.print(f"[bold red]FAILED[/]: {escape(message)}")
     if failures:
         return 1
     if schedule:
@@ -178,44 +192,40 @@ def _add_demo(commands: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------- bench
+#: Why ``tolaria bench`` cannot run outside a source checkout.
+NO_BENCH_CHECKOUT = (
+    "tolaria bench runs from a source checkout (its baselines live in bench/ beside the package): "
+    "clone the repository and `pip install -e .` it"
+)
+
+
 def _bench_source_root() -> Path | None:
     """The checkout holding ``bench/`` beside the package (an editable install), or None."""
     root = Path(__file__).resolve().parents[1]
-    return root if (root / "bench" / "runner.py").is_file() else None
+    return root if (root / "bench" / "arguments.py").is_file() else None
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bench options, shared by ``tolaria bench`` and ``python -m bench.runner``."""
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda when available)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer repetitions, smaller models (< 60 s on CPU)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/out"), metavar="DIR",
-        help="folder for bench.json and overhead.png (default: bench/out)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-csv", action="store_true", help="do not append rows to bench/results/results.csv"
-    )
+def _import_bench_from(root: Path) -> None:
+    """Make the checkout's ``bench`` package importable."""
+    import sys
+
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    import sys
-
+    root = _bench_source_root()
+    if root is None:
+        raise UsageError(NO_BENCH_CHECKOUT)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
-    root = _bench_source_root()
-    if root is None:
-        raise UsageError(
-            "tolaria bench runs from a source checkout (its baselines live in bench/ beside the package): "
-            "clone the repository and `pip install -e .` it"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    _import_bench_from(root)
+    from bench.arguments import output_folder_problem
+
+    if (problem := output_folder_problem(args.out)) is not None:
+        raise UsageError(f"--out {args.out}: {problem}")
     from bench.runner import run_command
 
     return run_command(args)
@@ -228,8 +238,20 @@ def _add_bench(commands: Any) -> None:
         description="Run every benchmark scenario in one process: training-loop overhead (unguarded, "
         "the original Governor's approach, tolaria), rollback, snapshot/restore and health checks.",
     )
-    add_bench_arguments(bench)
     bench.set_defaults(handler=_run_bench, subparser=bench)
+    root = _bench_source_root()
+    if root is None:
+        # No bench here to own the options: take whatever is given, and the handler says why
+        # the bench cannot run (rather than argparse calling its options unrecognized).
+        bench.set_defaults(accepts_extra_arguments=True)
+        bench.epilog = NO_BENCH_CHECKOUT
+        return
+    # The bench owns its options (``python -m bench.runner`` takes the same); it imports only the
+    # standard library, and never this module.
+    _import_bench_from(root)
+    from bench.arguments import add_bench_arguments
+
+    add_bench_arguments(bench)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -245,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args() says
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -1,5 +1,14 @@
 """How ``tolaria demo`` shows a run: a live rich progress bar, the summary table, the loss plot.
 
+Presentation follows the run: :func:`tolaria.demo.runner.run_demo` trains and returns a
+:class:`~tolaria.demo.results.DemoResult`, and the functions here show it; this module may use
+the runner's types, the runner never imports this module.
+
+On a terminal the output is rich's usual (colours, the terminal's width, a live bar). Anywhere
+else (a pipe, a file, a CI log) :func:`demo_console` gives a plain console instead: no live bar,
+no colour codes, and no wrapping or cutting to 80 columns, so every header and number of the
+summary table is there in full.
+
 The plot uses matplotlib's object API with the Agg canvas directly (no pyplot), so it needs no
 display and does not change the process-wide backend of a program that imports tolaria.
 """
@@ -10,7 +19,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -22,6 +31,11 @@ from tolaria.guard import StepOutcome
 if TYPE_CHECKING:
     from tolaria.demo.results import DemoResult
     from tolaria.demo.runner import StepCallback
+
+PLOT_FILE = "loss.png"
+#: The console width off a terminal: more than any line or table of the demo needs, so none is
+#: cut or wrapped (rich would otherwise assume 80 columns).
+PLAIN_WIDTH = 1000
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -37,11 +51,21 @@ def short_reason(reason: str | None) -> str:
     return reason.removeprefix("governor_")
 
 
+def demo_console(file: IO[str] | None = None) -> Console:
+    """The console ``tolaria demo`` prints to (stdout by default): rich's usual one on a terminal;
+    elsewhere a plain one, :data:`PLAIN_WIDTH` columns wide and soft-wrapped, so nothing is cut."""
+    console = Console(file=file)
+    if console.is_terminal:
+        return console
+    return Console(file=file, width=PLAIN_WIDTH, soft_wrap=True)
+
+
 @contextmanager
 def live_progress(console: Console, total: int, title: str) -> Iterator[StepCallback]:
     """A live progress bar (step, loss, grad norm, last event); yields the ``on_step`` callback
     for :func:`tolaria.demo.runner.run_demo`. On a narrow terminal the event text is cut, not the
-    step counter."""
+    step counter. Off a terminal there is no bar (it would only leave its last frame in a log)
+    and the callback does nothing visible."""
     fixed = Column(no_wrap=True)
     columns = (
         TextColumn("[bold]{task.description}", table_column=fixed),
@@ -53,7 +77,8 @@ def live_progress(console: Console, total: int, title: str) -> Iterator[StepCall
             table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
         ),
     )
-    with Progress(*columns, console=console, transient=False, expand=True) as progress:
+    off_terminal = not console.is_terminal
+    with Progress(*columns, console=console, transient=False, expand=True, disable=off_terminal) as progress:
         task = progress.add_task(title, total=total, loss="-", grad="-", event="")
 
         def on_step(outcome: StepOutcome, last_event: str) -> None:
@@ -186,4 +211,13 @@ def write_plot(result: DemoResult, path: Path) -> Path:
     return path
 
 
-__all__ = ["fault_table", "live_progress", "render_summary", "short_reason", "write_plot"]
+__all__ = [
+    "PLAIN_WIDTH",
+    "PLOT_FILE",
+    "demo_console",
+    "fault_table",
+    "live_progress",
+    "render_summary",
+    "short_reason",
+    "write_plot",
+]

@@ -3,13 +3,15 @@
 :func:`run_demo` is the whole demo as a function (no terminal needed): it builds the task's
 model with one seed slot, trains it on the task's synthetic data through :class:`GuardedStep`,
 grows a seed to FOSSILIZED along the way, injects the scheduled faults, and returns a
-:class:`DemoResult`. Telemetry goes to ``<out_dir>/telemetry.jsonl`` for the duration of the run
-and the loss plot to ``<out_dir>/loss.png``.
+:class:`DemoResult`. Telemetry goes to ``<out_dir>/telemetry.jsonl`` for the duration of the run.
+Presenting the run comes after it and is not done here: :mod:`tolaria.demo.report` draws the
+loss plot (``<out_dir>/loss.png``, :func:`~tolaria.demo.report.write_plot`) and prints the
+summary from the returned result, which is what ``tolaria demo`` does.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +27,6 @@ from tolaria.demo.faults import (
     ScheduledFault,
     parse_fault_spec,
 )
-from tolaria.demo.report import write_plot
 from tolaria.demo.results import DemoResult, FaultTracker
 from tolaria.environment import create_model, validate_device
 from tolaria.governor import TolariaGovernor
@@ -39,7 +40,6 @@ FALLBACK_STEPS = 300
 #: The seed the demo grows, per host kind: the cheapest blueprint of each.
 SEED_BLUEPRINTS: dict[str, str] = {"cnn": "conv_light", "transformer": "lora"}
 TELEMETRY_FILE = "telemetry.jsonl"
-PLOT_FILE = "loss.png"
 
 #: ``on_step(outcome, last_event)``: called after every step (the CLI's progress bar).
 StepCallback = Callable[[StepOutcome, str], None]
@@ -61,7 +61,6 @@ class DemoConfig:
     batch_size: int | None = None
     lr_blowup_factor: float = DEFAULT_LR_BLOWUP_FACTOR
     recovery_window: int = 5
-    plot: bool = True
 
     def resolved_steps(self) -> int:
         """``steps``, or the task's default; raises ValueError for steps < 1."""
@@ -166,24 +165,41 @@ def _forward_loss(
     return spec.loss(model(inputs), targets)
 
 
+def prepare_out_dir(path: Path) -> Path:
+    """Create the output folder ``path`` (with its parents) and check that files can be written
+    there, before any training; returns it. Raises ValueError saying why it cannot hold the
+    demo's outputs (it is a file, it cannot be created, it is not writable)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError("it exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the folder ({error.strerror or error})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"the folder is not writable ({error.strerror or error})") from None
+    return path
+
+
 def run_demo(config: DemoConfig, *, on_step: StepCallback | None = None) -> DemoResult:
-    """Run the demo described by ``config`` and return what it measured.
+    """Run the demo described by ``config`` and return what it measured (nothing is printed or
+    plotted here; see :mod:`tolaria.demo.report`).
 
     Everything is validated before training starts. Raises ValueError for an unknown task, a bad
-    device string, steps < 1 or a bad fault SPEC (FaultSpecError); RuntimeError when the device
-    does not exist here (e.g. ``cuda`` without CUDA) or when ``plot`` is set but matplotlib is
-    not installed.
+    device string, steps < 1, a bad fault SPEC (FaultSpecError) or an output folder that cannot
+    be created or written to; RuntimeError when the device does not exist here (e.g. ``cuda``
+    without CUDA).
     """
     started = time.perf_counter()
     spec = get_task_spec(config.task)
     device = validate_device(config.device)
     steps = config.resolved_steps()
     schedule = config.schedule()
-    if config.plot and importlib.util.find_spec("matplotlib") is None:
-        raise RuntimeError("the loss plot needs matplotlib: pip install 'tolaria[demo]' (or pass plot=False)")
 
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(config.out_dir))
     telemetry_path = out_dir / TELEMETRY_FILE
     telemetry_path.unlink(missing_ok=True)  # JsonlSink appends; a demo's file holds one run
 
@@ -248,10 +264,16 @@ def run_demo(config: DemoConfig, *, on_step: StepCallback | None = None) -> Demo
     result.seed_events = lifecycle.events
     result.seed_stage = model.get_slot(slot).stage.name
     result.telemetry_path = telemetry_path
-    if config.plot:
-        result.plot_path = write_plot(result, out_dir / PLOT_FILE)
     result.wall_seconds = time.perf_counter() - started
     return result
 
 
-__all__ = ["DEFAULT_STEPS", "SEED_BLUEPRINTS", "DemoConfig", "SeedLifecycle", "StepCallback", "run_demo"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "SEED_BLUEPRINTS",
+    "DemoConfig",
+    "SeedLifecycle",
+    "StepCallback",
+    "prepare_out_dir",
+    "run_demo",
+]
