@@ -114,6 +114,60 @@ def test_doctor_runs_and_names_each_backend() -> None:
     assert health_backend_for(cpu).backend in out
 
 
+def test_doctor_says_what_is_missing_and_prints_extras_whole(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tolaria import doctor
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(doctor, "triton_installed", lambda: False)
+    monkeypatch.setattr(doctor._ext, "cuda_runtime_usable", lambda: False)
+    info = {"cuda": True, "cuda_version": "13.0", "cuda_architectures": "90-real", "cxx_compiler": "GNU 12"}
+    monkeypatch.setattr(doctor._ext, "build_info", lambda: info)
+    assert doctor.run_doctor() == 0
+    lines = capsys.readouterr().out.splitlines()
+    (runtime,) = [line for line in lines if "CUDA runtime usable" in line]
+    assert "no CUDA driver or no device visible" in runtime
+    (triton,) = [line for line in lines if "triton installed" in line]
+    # rich reads "[triton]" as markup unless told not to: the hint must keep it.
+    assert "pip install 'tolaria[triton]'" in triton
+
+
+def _fake_python(tmp_path: Path, *, has_torch: bool) -> Path:
+    """A stand-in for python that says whether torch imports and logs each pip call it gets."""
+    fake = tmp_path / "python"
+    torch_check = "echo 9.9.9; exit 0" if has_torch else "exit 1"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then {torch_check}; fi\necho "PIP $*"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("has_torch", [False, True])
+def test_setup_says_what_it_does_before_each_long_step(tmp_path: Path, has_torch: bool) -> None:
+    fake = _fake_python(tmp_path, has_torch=has_torch)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup.sh"), "test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": str(fake)},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    pips = [index for index, line in enumerate(lines) if line.startswith("PIP ")]
+    if has_torch:
+        assert "setup: keeping the installed torch 9.9.9" in lines
+        (editable,) = pips
+    else:
+        torch_pip, editable = pips
+        assert "torch==2.13.0" in lines[torch_pip]
+        assert lines[torch_pip - 1] == "setup: installing torch 2.13.0 (CPU build)..."
+    assert "-e .[test]" in lines[editable]
+    announce = lines[editable - 1]
+    assert announce.startswith("setup: installing tolaria[test]") and "compiled extension" in announce
+    assert lines[-1].startswith("setup: done")
+
+
 def test_cli_rejects_unknown_command() -> None:
     done = subprocess.run([sys.executable, "-m", "tolaria", "frobnicate"], capture_output=True, text=True)
     assert done.returncode == 2

@@ -44,9 +44,10 @@ def collect_rows() -> list[tuple[str, str, str]]:
             else f"C++ only, {info['cxx_compiler']}"
         )
         rows.append(("extension with CUDA", _yes_no(bool(info["cuda"])), cuda_detail))
-        rows.append(
-            ("CUDA runtime usable", _yes_no(_ext.cuda_runtime_usable()), "driver and a device visible")
-        )
+        usable = _ext.cuda_runtime_usable()
+        # The detail says what was found, or what is missing: never a "no" next to "visible".
+        runtime_detail = "driver and a device visible" if usable else "no CUDA driver or no device visible"
+        rows.append(("CUDA runtime usable", _yes_no(usable), runtime_detail))
     if triton_installed():
         triton_version = importlib.metadata.version("triton")
         rows.append(("triton installed", "yes", triton_version))
@@ -67,12 +68,14 @@ def run_doctor() -> int:
     """Print the doctor table; returns the exit status (always 0: it reports, it does not judge)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="tolaria doctor")
     table.add_column("item", style="bold")
     table.add_column("value")
     table.add_column("detail", overflow="fold")
     for item, value, detail in collect_rows():
-        table.add_row(item, value, detail)
+        # Plain text, not rich markup: "pip install 'tolaria[triton]'" must keep its "[triton]".
+        table.add_row(Text(item), Text(value), Text(detail))
     Console().print(table)
     return 0
