@@ -77,7 +77,7 @@ def many_small(device: str) -> Workload:
 
 def gpt2_small(device: str) -> Workload:
     generator = torch.Generator(device=device).manual_seed(0)
-    params = {
+    params: dict[str, torch.Tensor] = {
         f"p{i}": nn.Parameter(torch.randn(shape, generator=generator, device=device) * 0.02)
         for i, shape in enumerate(gpt2_small_shapes())
     }

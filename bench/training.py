@@ -194,8 +194,8 @@ def summary(rows: list[Measurement]) -> list[str]:
                         f"(health every step, snapshot every {SNAPSHOT_EVERY} steps)"
                     )
         elif scenario.startswith("rollback/"):
-            base, ours = by_key.get((scenario, ROLLBACK_BASELINE)), by_key.get((scenario, "tolaria"))
-            if base is not None and ours is not None:
-                lines.append(f"{scenario}: tolaria's rollback is {base.median_s / ours.median_s:.1f}× "
+            legacy, ours = by_key.get((scenario, ROLLBACK_BASELINE)), by_key.get((scenario, "tolaria"))
+            if legacy is not None and ours is not None:
+                lines.append(f"{scenario}: tolaria's rollback is {legacy.median_s / ours.median_s:.1f}× "
                              f"the speed of the legacy load_state_dict")  # fmt: skip
     return lines
