@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from datetime import timedelta
 
@@ -25,6 +26,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tolaria import TolariaGovernor
+
+
+def say(line: str) -> None:
+    """Print ``line`` as one whole line: a single write that ends with the newline, then a flush.
+
+    The ranks share one terminal or pipe. ``print`` writes the text and the newline separately,
+    and with unbuffered output (``PYTHONUNBUFFERED``, ``python -u``) each is its own write, so
+    another rank's line could land between them (``...True[rank 1] done: ...``).
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,10 +96,9 @@ def main() -> None:
     reference = flat.clone()
     dist.broadcast(reference, src=0)
     in_sync = bool(torch.equal(flat, reference))
-    print(
+    say(
         f"[rank {rank}] done: final loss {loss_value:.4f}, rollbacks {rollbacks}, "
-        f"replicas identical: {in_sync}",
-        flush=True,
+        f"replicas identical: {in_sync}"
     )
     dist.destroy_process_group()
     # A gloo worker thread drops its last collective's tensors just after the collective returns,
