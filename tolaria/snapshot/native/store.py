@@ -1,57 +1,24 @@
-"""The native snapshot store: a host arena per tensor-set structure, filled by ``tolaria._C``.
+"""The native snapshot store: host arenas filled by ``tolaria._C``, planned by
+:mod:`~tolaria.snapshot.native.layout`, with the CUDA sequence in :mod:`~tolaria.snapshot.native.cuda`.
 
-Layout (:mod:`tolaria.snapshot.native_layout`): one plan per structure (keys, shapes, dtypes,
-devices, contiguity, which keys share memory), cached and compared on every capture, so a
-steady-state capture walks no state dict and allocates nothing. Each arena holds every slot at
-a 256-byte aligned offset; tied tensors are stored once; pinned (``cudaHostAlloc``, in chunks of
-``chunk_bytes``) for CUDA tensors, pageable with a ``SNAPSHOT_DEGRADED`` event if pinning fails.
+What this store promises beyond :class:`~tolaria.snapshot.store.SnapshotStore`:
 
-Double buffering (default): the committed LKG and a staging arena. A capture writes staging; a
-clean resolve swaps the two, so the LKG changes in one step and a sick, failed or discarded
-capture never touches it. ``double_buffer=False`` halves host memory with a weaker guarantee:
-the one arena *is* the LKG, so a capture overwrites it in place and the store has no LKG from
-the start of a capture until that capture is committed. A sick or failed capture then leaves
-nothing to roll back to, and a rollback while a capture is staged raises.
-
-CPU capture: ``memcpy`` of every contiguous tensor (GIL released, split across threads for large
-arenas); the staging bytes are then checked one region per dtype (padding is zero), and per key
-only to name a sick one.
-
-CUDA capture, in this order:
-
-1. buffers and non-contiguous tensors are copied into a private device scratch on the caller's
-   current stream (stream order: forward's BatchNorm updates queued later cannot reach them);
-2. event *ready* is recorded on the caller's stream and the engine's side stream waits on it;
-3. the side stream enqueues the device→host copies of the live parameters (one
-   ``cudaMemcpyBatchAsync``) into the pinned staging arena;
-4. the fused health check of the parameters and the scratch is enqueued on the side stream
-   (``check_tensors(..., blocking=False)``), then event *released*;
-5. the scratch's device→host copies (a second batch), then event *done*.
-
-Why the checked bytes are the committed bytes: the check and the copies read the same device
-memory on one stream, all after *ready* and before *done*. Nothing writes that memory in
-between: the scratch belongs to the store (the next capture first waits for *done*), and
-parameters are written only by the optimizer, whose step waits on *released*, the point after
-the last read of a parameter (:meth:`make_stream_wait`, installed by the Governor as a step
-pre-hook). Without that hook a step may overwrite parameters under the copy: a torn capture.
-Waiting on *released* rather than *done* lets the scratch's copies (with AdamW, the two moment
-buffers: two thirds of the bytes) overlap the next step instead of stalling it.
-Tensors must not be freed or have their storage replaced while a capture is in flight.
-
-Which tensors count as parameters: ``nn.Parameter`` instances, so pass
-``model.state_dict(keep_vars=True)`` (or named parameters and buffers). Detached tensors are
-treated as buffers: still correct, but each goes through the device scratch (extra device
-memory and a device-to-device copy on the caller's stream).
-
-``capture()`` returns while the copy runs: the health check enqueued with it never blocks the
-host (its one-time CUDA-graph trial is compared on the device, see :mod:`tolaria.health.plan`).
-That takes the Triton check: with ``health_backend="reference"``, or without Triton, the check
-of the device tensors reads its result on the host, so ``capture()`` waits for the side stream
-up to the check (the caller's queued work and the parameters' copy); a warning says so once.
-
-Restore: synchronize the device, one batched host→device copy from the committed arena into
-the live tensors on the side stream, synchronize that stream; non-contiguous or moved targets go
-through ``Tensor.copy_``. Parameter objects keep their identity.
+* ``double_buffer=False`` halves host memory: the one arena *is* the LKG, so from the start of a
+  capture until its commit there is no LKG (a sick or failed capture leaves nothing to roll back
+  to; a rollback while a capture is staged raises).
+* CPU capture: ``memcpy`` of every contiguous tensor with the GIL released (threads for large
+  arenas); the staging bytes are checked one region per dtype, per key only to name a sick one.
+* CUDA capture returns while the copy runs. The checked bytes are the committed bytes: the fused
+  check and the device→host copies read the same memory on one side stream, after event *ready*
+  (recorded on the caller's stream) and before *done*; nothing writes that memory in between
+  because buffers go through the store's private scratch and parameters are written only by the
+  optimizer, whose step waits on *released* (:meth:`NativeSnapshotStore.make_stream_wait`,
+  installed by the Governor as a step pre-hook). Only ``nn.Parameter`` objects are read directly;
+  anything else goes through the scratch. Without Triton the check reads its result on the host,
+  so ``capture()`` waits up to it (a warning says so once). Tensors must not be freed or have
+  their storage replaced while a capture is in flight.
+* Restore: device sync, one batched host→device copy into the live tensors (Parameter objects
+  keep their identity), side-stream sync; non-contiguous or moved targets go through ``copy_``.
 """
 
 from __future__ import annotations
