@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks of tolaria against the ways it replaces (see DESIGN.md)."""
+"""Side-by-side benchmarks of tolaria against the ways it replaces (see docs/architecture.md)."""

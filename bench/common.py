@@ -1,8 +1,8 @@
 """Timing shared by tolaria's benchmarks: warm-up, repetitions, median and p10/p90, tables.
 
-Every claim is a ratio of two measurements taken side by side in one process (see DESIGN.md,
-"Testing and measuring"). On CUDA a repetition is timed with CUDA events around the call and
-the device is synchronized before its time is read, so queued work is never missed; on CPU
+Every claim is a ratio of two measurements taken side by side in one process (see
+docs/architecture.md, "Testing and measuring"). On CUDA a repetition is timed with CUDA events
+around the call and the device is synchronized before its time is read, so queued work is never missed; on CPU
 it is wall time from ``time.perf_counter``. :func:`time_host` instead times only the host side
 of calls that enqueue work (the host cost of an asynchronous check).
 """

@@ -165,7 +165,7 @@ def nan_params_on_rank_1(rank: int, world: int, ctx: dict[str, Any]) -> dict[str
     (panic,) = events.of(TelemetryEventType.GOVERNOR_PANIC)
     (rollback,) = events.of(TelemetryEventType.GOVERNOR_ROLLBACK)
     return {
-        "panicked": panicked, "reason": report.reason, "panic_fault_ranks": panic["fault_ranks"],
+        "panicked": panicked, "reason": report.panic_reason, "panic_fault_ranks": panic["fault_ranks"],
         "rollback_fault_ranks": rollback["fault_ranks"], "rollback_rank": rollback["rank"],
         "params": _flat(model), "lkg": lkg, "optimizer_state": report.optimizer_state,
     }  # fmt: skip
@@ -206,7 +206,7 @@ def divergence_on_rank_1(rank: int, world: int, ctx: dict[str, Any]) -> dict[str
     history = list(gov.loss_history)
     report = gov.execute_rollback()
     return {
-        "verdicts": verdicts, "reason": report.reason, "loss_at_panic": report.loss_at_panic,
+        "verdicts": verdicts, "reason": report.panic_reason, "loss_at_panic": report.loss_at_panic,
         "history": history, "consecutive_after": gov.consecutive_panics,
     }  # fmt: skip
 
@@ -225,7 +225,7 @@ def most_severe_reason_wins(rank: int, world: int, ctx: dict[str, Any]) -> dict[
     panicked = gov.check_health()
     (panic,) = events.of(TelemetryEventType.GOVERNOR_PANIC)
     report = gov.execute_rollback()
-    return {"panicked": panicked, "reason": report.reason, "fault_ranks": panic["fault_ranks"]}
+    return {"panicked": panicked, "reason": report.panic_reason, "fault_ranks": panic["fault_ranks"]}
 
 
 def a_failed_rollback_raises_everywhere(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:

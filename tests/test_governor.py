@@ -211,7 +211,7 @@ def test_rollback_is_bit_exact_and_keeps_parameter_identity(dtype: torch.dtype) 
     params = list(model.parameters())
     corrupt(model)
     report = gov.execute_rollback()
-    assert report.rollback_occurred and report.reason == "governor_manual_rollback"
+    assert report.rollback_occurred and report.reason == "Structural Collapse" and report.panic_reason is None
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
     assert same_state(model, good)
     assert model[1].num_batches_tracked.dtype == torch.int64  # type: ignore[index]
@@ -240,17 +240,17 @@ def test_exactly_one_rollback_event_carrying_the_panic(events: list[TelemetryEve
     assert payload.loss_threshold == pytest.approx(1.0)
     assert payload.missing_keys == () and payload.unexpected_keys == ()
     assert report.consecutive_panics == 0 and gov.consecutive_panics == 0  # post-rollback count
-    assert (report.reason, report.loss_at_panic, report.env_id) == ("governor_divergence", 120.0, 4)
+    assert (report.panic_reason, report.loss_at_panic, report.env_id) == ("governor_divergence", 120.0, 4)
     again = gov.execute_rollback()
     assert len(of_type(events, TelemetryEventType.GOVERNOR_ROLLBACK)) == 2
-    assert again.reason == "governor_manual_rollback" and math.isnan(again.loss_at_panic)
+    assert again.panic_reason is None and math.isnan(again.loss_at_panic)
 
 
 def test_nan_loss_panics_at_once_and_the_report_carries_it() -> None:
     gov = gov_for(small_model())
     assert gov.check_vital_signs(torch.tensor(float("nan")))
     report = gov.execute_rollback()
-    assert report.reason == "governor_nan" and math.isnan(report.loss_at_panic)
+    assert report.panic_reason == "governor_nan" and math.isnan(report.loss_at_panic)
     assert len(gov.loss_history) == 0
 
 
@@ -334,7 +334,7 @@ def test_reset_clears_the_monitors_and_snapshots_again() -> None:
     gov.reset()
     assert len(gov.loss_history) == 0 and gov.consecutive_panics == 0
     assert torch.equal(gov.last_good_state["0.bias"], torch.full((8,), 0.25))  # type: ignore[index]
-    assert gov.execute_rollback().reason == "governor_manual_rollback"
+    assert gov.execute_rollback().panic_reason is None
 
 
 def no_pinned_memory(numel: int, dtype: torch.dtype) -> torch.Tensor:

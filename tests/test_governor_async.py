@@ -196,7 +196,7 @@ def test_a_capture_after_the_sick_step_is_discarded_and_the_previous_lkg_restore
     assert info.committed is None and gov.pending_verdicts == 2 and late.waited == 0
     report = gov.execute_rollback()  # drains: judges the verdicts still out, finds the panic
     assert gov.pending_verdicts == 0
-    assert report.reason == "governor_nan" and report.panic_step == 11
+    assert report.panic_reason == "governor_nan" and report.panic_step == 11
     assert same(weights(model), lkg)
     assert snapshot_payloads(events)[-1] == (
         False, "snapshot discarded: the checks of step 11, before its capture, panicked",
@@ -256,7 +256,7 @@ def test_a_capture_before_the_sick_step_is_committed_and_restored(late: Late) ->
     opt.step()
     assert gov.observe(torch.tensor(math.inf), step=12) is False
     report = gov.execute_rollback()
-    assert report.panic_step == 12 and report.reason == "governor_nan"
+    assert report.panic_step == 12 and report.panic_reason == "governor_nan"
     assert same(weights(model), captured)  # its verdicts were healthy: committed, then restored
 
 
@@ -314,7 +314,7 @@ def test_blocking_checks_judge_the_pending_verdicts_first(late: Late) -> None:
     assert gov.observe(math.nan) is False
     assert gov.check_vital_signs(1.0) is True  # step order: the NaN verdict comes first
     assert len(gov.loss_history) == 0 and gov.pending_panic is not None
-    assert gov.execute_rollback().reason == "governor_nan"
+    assert gov.execute_rollback().panic_reason == "governor_nan"
     assert gov.check_vital_signs(1.0) is False and list(gov.loss_history) == [1.0]
 
 
@@ -440,7 +440,7 @@ def test_an_explosion_panics_and_any_streak_counts_as_an_anomaly_streak() -> Non
     assert (gov.anomaly_streak, gov.consecutive_panics) == (1, 0)  # a gradient-norm streak only
     assert gov.check_health() is False
     assert gov.check_health() is True
-    assert gov.execute_rollback().reason == "governor_grad_explosion"
+    assert gov.execute_rollback().panic_reason == "governor_grad_explosion"
     assert gov.anomaly_streak == 0
 
 

@@ -126,4 +126,4 @@ def test_check_health_finds_sick_cuda_gradients() -> None:
     assert gov.check_health() is False
     model[2].bias.grad[1] = math.inf  # type: ignore[index]
     assert gov.check_health() is True
-    assert gov.execute_rollback().reason == "governor_nonfinite_grads"
+    assert gov.execute_rollback().panic_reason == "governor_nonfinite_grads"

@@ -48,7 +48,7 @@ def test_non_finite_weights_panic_and_name_the_first_sick_tensor(events: list[Te
     (payload,) = payloads(events)
     assert payload.reason == "governor_nonfinite_params" and payload.first_bad == "1.bias"
     report = gov.execute_rollback()
-    assert report.reason == "governor_nonfinite_params" and report.panic_reason == "governor_nonfinite_params"
+    assert report.reason == "Structural Collapse" and report.panic_reason == "governor_nonfinite_params"
     assert math.isnan(report.loss_at_panic) and torch.isfinite(model[1].bias).all()  # type: ignore[index]
 
 
@@ -59,7 +59,7 @@ def test_non_finite_gradients_panic_naming_the_gradient(events: list[TelemetryEv
     assert gov.check_health() is True
     (payload,) = payloads(events)
     assert payload.reason == "governor_nonfinite_grads" and payload.first_bad == "1.weight.grad"
-    assert gov.execute_rollback().reason == "governor_nonfinite_grads"
+    assert gov.execute_rollback().panic_reason == "governor_nonfinite_grads"
 
 
 def test_checks_can_be_switched_off() -> None:
@@ -93,7 +93,7 @@ def test_grad_explosion_needs_consecutive_anomalies(events: list[TelemetryEvent]
     assert payload.reason == "governor_grad_explosion" and payload.consecutive_panics == 2
     assert payload.grad_norm == pytest.approx(1e3 * math.sqrt(sum(p.numel() for p in model.parameters())))
     assert math.isfinite(payload.loss_threshold) and payload.first_bad is None
-    assert gov.execute_rollback().reason == "governor_grad_explosion"
+    assert gov.execute_rollback().panic_reason == "governor_grad_explosion"
 
 
 def test_non_finite_gradients_never_enter_the_grad_norm_history() -> None:
@@ -116,5 +116,5 @@ def test_loss_and_health_panics_share_one_pending_reason() -> None:
     model[0].weight.grad[0, 0] = math.nan  # type: ignore[index]
     assert gov.check_health()
     report = gov.execute_rollback()
-    assert report.reason == "governor_nonfinite_grads"  # the latest panic is what is reported
+    assert report.panic_reason == "governor_nonfinite_grads"  # the latest panic is what is reported
     assert gov.consecutive_panics == 0

@@ -60,7 +60,7 @@ def test_next_update_after_rollback_equals_a_run_that_never_diverged(name: str) 
     assert gov.check_health()
     params = list(model.parameters())
     report = gov.execute_rollback()
-    assert report.optimizer_state == "restored" and report.reason == "governor_nonfinite_params"
+    assert report.optimizer_state == "restored" and report.panic_reason == "governor_nonfinite_params"
     assert {id(p) for p in opt.state} == {id(p) for p in params}  # the param mapping is kept
     train_step(model, opt, data[4])
     assert all(torch.equal(a, b) for a, b in zip(params_of(model), expected, strict=True))

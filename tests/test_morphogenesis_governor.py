@@ -104,7 +104,8 @@ def test_rollback_restores_host_and_fossils_then_prunes_live_seeds() -> None:
     assert governor.check_vital_signs(float("nan")) is True
     report = governor.execute_rollback()
 
-    assert (report.reason, report.rollback_occurred, report.pruned_slots) == ("governor_nan", True, ("r0c0",))
+    outcome = (report.panic_reason, report.rollback_occurred, report.pruned_slots)
+    assert outcome == ("governor_nan", True, ("r0c0",))
     restored = model.state_dict()
     for key, value in saved.items():
         assert torch.equal(restored[key], value), key

@@ -7,6 +7,7 @@ Known Good state. This module is the public API and nothing else.
 
 from tolaria import _ext  # noqa: F401  (honours TOLARIA_REQUIRE_NATIVE at import time)
 from tolaria._version import __version__
+from tolaria.config import WatchConfig
 from tolaria.constants import (
     DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE,
     DEFAULT_GOVERNOR_ABSOLUTE_THRESHOLD,
@@ -22,9 +23,13 @@ from tolaria.environment import create_model, parse_device, validate_device
 from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.health import HealthReport, check_tensors
+from tolaria.lifecycle import LifecycleMutationHealthSnapshot, LifecycleMutationVerdict
+from tolaria.morphogenesis.stages import LifecycleOp, SeedStage
+from tolaria.protocol import GovernorProtocol
 from tolaria.tasks import TaskSpec, available_tasks, get_task_spec
 from tolaria.telemetry import (
     CallbackSink,
+    ForwardingSink,
     JsonlSink,
     LoggingSink,
     TelemetryEvent,
@@ -43,17 +48,24 @@ __all__ = [
     "MIN_GOVERNOR_HISTORY_SAMPLES",
     "CallbackSink",
     "DistributedGovernorError",
+    "ForwardingSink",
+    "GovernorProtocol",
     "GovernorReport",
     "GuardedStep",
     "HealthReport",
     "JsonlSink",
+    "LifecycleMutationHealthSnapshot",
+    "LifecycleMutationVerdict",
+    "LifecycleOp",
     "LoggingSink",
+    "SeedStage",
     "SnapshotInfo",
     "StepOutcome",
     "TaskSpec",
     "TelemetryEvent",
     "TelemetryEventType",
     "TolariaGovernor",
+    "WatchConfig",
     "__version__",
     "available_tasks",
     "check_tensors",

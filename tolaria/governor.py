@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,72 +29,25 @@ from tolaria.constants import (
     DEFAULT_GOVERNOR_SENSITIVITY,
     DEFAULT_MIN_PANICS_BEFORE_ROLLBACK,
 )
-from tolaria.deferred import VerdictQueue, check_max_pending
+from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
-from tolaria.snapshot import seeds
+from tolaria.governor_attributes import GovernorAttributes
+from tolaria.lifecycle import LifecycleMutationVerdict, preflight_lifecycle_mutation
+from tolaria.rollback import REASON_MANUAL_ROLLBACK, Attribution, GovernorReport, perform_rollback
 from tolaria.snapshot.entries import (
     OPTIMIZER_KEY_PREFIX,
-    CaptureMeta,
     check_optimizer,
     device_of,
-    key_drift,
     order_steps_after_captures,
-    restore_contents,
 )
 from tolaria.snapshot.factory import make_store
+from tolaria.snapshot.handout import LkgHandout
 from tolaria.snapshot.store import require_default_stream
 from tolaria.telemetry import TelemetryHub, get_hub
-from tolaria.telemetry.events import panic_event, rollback_event, snapshot_events
-from tolaria.telemetry.payloads import GovernorRollbackPayload
+from tolaria.telemetry.events import panic_event, snapshot_events
 from tolaria.watch import Panic, Watch, gradient_norm
 
 logger = logging.getLogger(__name__)
-
-#: ``GovernorReport.reason`` of a rollback that no panic preceded.
-REASON_MANUAL_ROLLBACK = "governor_manual_rollback"
-
-
-@dataclass(frozen=True)
-class GovernorReport:
-    """The result of one :meth:`TolariaGovernor.execute_rollback`.
-
-    The first five fields are the original Governor's. ``reason`` is the panic reason that led
-    here (``governor_nan``, ``governor_divergence``, ...) or ``governor_manual_rollback``.
-    ``loss_at_panic`` is NaN for a rollback with no preceding loss panic (manual, or a health
-    panic, which has no loss). ``consecutive_panics`` is the count AFTER the rollback, i.e. 0;
-    the GOVERNOR_ROLLBACK telemetry payload carries the count at the panic. ``missing_keys`` /
-    ``unexpected_keys`` are state-dict keys with no saved value / no live tensor (only keys
-    under ``seed_slots.`` can appear here: others raise). ``optimizer_state`` is "restored",
-    "cleared" or "untouched". ``panic_step`` is the label of the observed step whose deferred
-    verdict panicked (see :meth:`TolariaGovernor.observe`), None after a blocking check.
-    """
-
-    reason: str
-    loss_at_panic: float
-    loss_threshold: float
-    consecutive_panics: int
-    rollback_occurred: bool
-    panic_reason: str | None = None
-    env_id: int = 0
-    missing_keys: tuple[str, ...] = ()
-    unexpected_keys: tuple[str, ...] = ()
-    pruned_slots: tuple[str, ...] = ()
-    optimizer_state: str = "untouched"
-    panic_step: int | None = None
-
-
-class _Setting:
-    """A drop-in attribute (``gov.sensitivity = 4.0`` keeps working): one field of the
-    Governor's :class:`WatchConfig`; setting it builds a new, validated config."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, gov: Any, owner: type | None = None) -> Any:
-        return self if gov is None else getattr(gov.config, self.name)
-
-    def __set__(self, gov: Any, value: float) -> None:
-        gov.config = replace(gov.config, **{self.name: value})
 
 
 def _current_hub() -> TelemetryHub:
@@ -103,7 +55,7 @@ def _current_hub() -> TelemetryHub:
     return get_hub()
 
 
-class TolariaGovernor:
+class TolariaGovernor(GovernorAttributes):
     """Watches one model, keeps its Last Known Good state, and rolls it back on failure.
 
     The positional signature is the original Governor's (a drop-in replacement). New options
@@ -122,12 +74,6 @@ class TolariaGovernor:
     and RuntimeError when ``snapshot_backend="native"`` is unavailable. The constructor takes
     the first snapshot.
     """
-
-    sensitivity = _Setting()
-    multiplier = _Setting()
-    absolute_threshold = _Setting()
-    min_panics_before_rollback = _Setting()
-    grad_norm_multiplier = _Setting()
 
     def __init__(
         self,
@@ -175,71 +121,11 @@ class TolariaGovernor:
         self._store.hub_source = _current_hub
         self._commit = CommitLifecycle(self._store, self._group, self._verdicts, self._watch)
         self._last_grad_norm: float | None = None
-        self._lkg_cache: tuple[object, dict[str, torch.Tensor]] | None = None
+        self._handout: LkgHandout | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._hook_handle: Any = None
         self._set_optimizer(optimizer)
         self.snapshot()
-
-    @property
-    def config(self) -> WatchConfig:
-        """The detector settings in force (frozen; assign a new one to change them)."""
-        return self._watch.config
-
-    @config.setter
-    def config(self, config: WatchConfig) -> None:
-        if not isinstance(config, WatchConfig):
-            raise TypeError(f"config must be a tolaria.config.WatchConfig, got {type(config).__name__}")
-        self._watch.configure(config)
-
-    @property
-    def random_guess_loss(self) -> float:
-        return self._watch.loss.random_guess_loss
-
-    @property
-    def loss_history(self) -> deque[float]:
-        """Recent healthy losses (a deque with ``maxlen=history_window``)."""
-        return self._watch.loss.history
-
-    @property
-    def consecutive_panics(self) -> int:
-        return self._watch.loss.consecutive_panics
-
-    @consecutive_panics.setter
-    def consecutive_panics(self, value: int) -> None:
-        self._watch.loss.consecutive_panics = value
-
-    @property
-    def anomaly_streak(self) -> int:
-        """Consecutive anomalies of the loss or gradient-norm monitor, as of the verdicts judged."""
-        return self._watch.anomaly_streak
-
-    @property
-    def pending_panic(self) -> Panic | None:
-        """The panic awaiting :meth:`execute_rollback` (``.step``: a deferred verdict's step)."""
-        return self._watch.pending
-
-    @property
-    def pending_verdicts(self) -> int:
-        """Observed steps whose verdicts are not in yet (<= ``max_pending_steps`` after observe())."""
-        return len(self._verdicts)
-
-    @property
-    def max_pending_steps(self) -> int:
-        return self._verdicts.max_pending
-
-    @max_pending_steps.setter
-    def max_pending_steps(self, value: int) -> None:
-        self._verdicts.max_pending = check_max_pending(value)
-
-    @property
-    def distributed(self) -> bool:
-        """Whether decisions are agreed with a process group (then :meth:`observe` is refused)."""
-        return self._group.distributed
-
-    @property
-    def snapshot_backend(self) -> str:
-        return self._store.backend
 
     @property
     def last_good_state(self) -> dict[str, torch.Tensor] | None:
@@ -251,10 +137,10 @@ class TolariaGovernor:
         source = self._store.last_good_state
         if source is None:
             return None
-        if self._lkg_cache is None or self._lkg_cache[0] is not source:
+        if self._handout is None or self._handout.source is not source:
             view = {k: v for k, v in source.items() if not k.startswith(OPTIMIZER_KEY_PREFIX)}
-            self._lkg_cache = (source, view)
-        return self._lkg_cache[1]
+            self._handout = LkgHandout(source, view)
+        return self._handout.view
 
     # -- snapshot ------------------------------------------------------------------------------
     def snapshot(self) -> SnapshotInfo:
@@ -378,9 +264,20 @@ class TolariaGovernor:
 
     # -- restore -------------------------------------------------------------------------------
     def execute_rollback(
-        self, *, env_id: int = 0, optimizer: torch.optim.Optimizer | None = None
+        self,
+        *,
+        env_id: int = 0,
+        optimizer: torch.optim.Optimizer | None = None,
+        triggering_action_id: str | None = None,
+        raw_penalty: float | None = None,
+        normalized_penalty: float | None = None,
+        rollback_severity: float | None = None,
+        watch_window_evidence: float | None = None,
+        episode_idx: int | None = None,
     ) -> GovernorReport:
-        """Restore the LKG into the model (and the optimizer), prune live seeds, report.
+        """Restore the LKG into the model (and the optimizer), prune live seeds, report
+        (:mod:`tolaria.rollback`). The attribution fields (esper-lite's) travel unchanged in the
+        GOVERNOR_ROLLBACK payload.
 
         Order: consume every deferred verdict still out (waiting for it) and resolve an
         in-flight capture behind its gate, so a capture taken after a sick step is discarded and
@@ -392,57 +289,45 @@ class TolariaGovernor:
 
         Raises:
             TypeError: ``optimizer`` is not a torch.optim.Optimizer.
-            RuntimeError: there is no LKG (nothing is touched); or keys outside ``seed_slots.``
+            RuntimeError: there is no LKG, or the ``last_good_state`` dict handed out was edited
+                (keys outside ``seed_slots.`` deleted/added, or a tensor written in place or
+                replaced: refused, nothing is touched); or keys outside ``seed_slots.``
                 are missing/unexpected (architecture drift) — raised after the restore and the
                 event; the LKG and the panic state stay, so the rollback can be retried.
             SnapshotMismatchError: a saved tensor's shape/dtype no longer fits (nothing written).
             DistributedGovernorError: with a process group, on the ranks whose own rollback
                 succeeded when another rank's failed, or when a rank did not report in time.
         """
-        return self._group.run_rollback(lambda: self._rollback(env_id, optimizer))
+        attribution = Attribution(
+            triggering_action_id=triggering_action_id,
+            raw_penalty=raw_penalty,
+            normalized_penalty=normalized_penalty,
+            rollback_severity=rollback_severity,
+            watch_window_evidence=watch_window_evidence,
+            episode_idx=episode_idx,
+        )
+        return self._group.run_rollback(lambda: self._rollback(env_id, optimizer, attribution))
 
-    def _rollback(self, env_id: int, optimizer: torch.optim.Optimizer | None) -> GovernorReport:
+    def _rollback(
+        self, env_id: int, optimizer: torch.optim.Optimizer | None, attribution: Attribution
+    ) -> GovernorReport:
         check_optimizer(optimizer)
         self._resolve(drain=True)
-        saved, meta = self._store.last_good_state, self._store.lkg_meta
-        if saved is None or not isinstance(meta, CaptureMeta):
-            raise RuntimeError("no Last Known Good snapshot to roll back to (no snapshot was ever committed)")
-        target_opt = optimizer if optimizer is not None else self.optimizer
-        optimizer_state = restore_contents(self._store, self.model, target_opt, saved, meta)
-        self._set_optimizer(target_opt)
-        pruned = seeds.prune_live_seeds(self.model, logger)
-        missing, unexpected = key_drift(self.model, meta)
-        panic, panicked = self._watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
-        panic_reason = panic.reason if panicked else None
-        payload = GovernorRollbackPayload(
+        target = optimizer if optimizer is not None else self.optimizer
+        report, _ = perform_rollback(
+            store=self._store,
+            model=self.model,
+            optimizer=target,
+            watch=self._watch,
+            handout=self._handout,
+            hub_source=_current_hub,
+            ranked=self._group.ranked,
+            fault_ranks=self._group.fault_ranks,
             env_id=env_id,
-            device=str(device_of(self.model)),
-            reason=panic.reason,
-            loss_at_panic=panic.loss,
-            loss_threshold=panic.threshold,
-            consecutive_panics=max(panic.consecutive, self.consecutive_panics),
-            panic_reason=panic_reason,
-            missing_keys=missing,
-            unexpected_keys=unexpected,
+            attribution=attribution,
         )
-        _current_hub().emit(rollback_event(payload, self._group.fault_ranks, self._group.ranked))
-        seeds.raise_on_drift(missing, unexpected)
-        seeds.raise_on_sick_unsaved_fossils(self.model, missing)
-        self._watch.clear_panic()
-        return GovernorReport(
-            reason=panic.reason,
-            loss_at_panic=panic.loss,
-            loss_threshold=panic.threshold,
-            consecutive_panics=0,
-            rollback_occurred=True,
-            panic_reason=panic_reason,
-            env_id=env_id,
-            missing_keys=missing,
-            unexpected_keys=unexpected,
-            pruned_slots=pruned,
-            optimizer_state=optimizer_state,
-            panic_step=panic.step if panicked else None,
-        )
+        self._set_optimizer(target)
+        return report
 
     def _set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         check_optimizer(optimizer)
@@ -454,6 +339,14 @@ class TolariaGovernor:
         self.optimizer = optimizer
         if optimizer is not None:
             self._hook_handle = order_steps_after_captures(optimizer, self._store)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def preflight_lifecycle_mutation(self, **request: Any) -> LifecycleMutationVerdict:
+        """Approve or veto a seed-lifecycle mutation before the host applies it (esper-lite's
+        trainer asks before germinating, pruning, ...); see
+        :func:`tolaria.lifecycle.preflight_lifecycle_mutation` for the keyword arguments and the
+        rules. Raises TypeError for a missing or unknown argument."""
+        return preflight_lifecycle_mutation(**request)
 
     # -- punish / reset ------------------------------------------------------------------------
     def get_punishment_reward(self) -> float:

@@ -1,8 +1,9 @@
 """Vital signs: is the loss (or any scalar the trainer watches) telling us training is failing?
 
-Three failures are recognised, in this order (see DESIGN.md "Vital signs"):
+Three failures are recognised, in this order (docs/architecture.md, "Vital signs"):
 
-1. A non-finite loss panics at once (``governor_nan``); it never enters the history.
+1. A non-finite loss panics at once (``governor_nan``); it never enters the history and leaves
+   the divergence run's count as it was (so does a lobotomy).
 2. A *lobotomy*: with at least ``MIN_GOVERNOR_HISTORY_SAMPLES`` of history whose mean is well
    below the random-guess loss, a loss that lands right on the random-guess value means the
    model forgot everything at once (``governor_lobotomy``).
@@ -147,13 +148,17 @@ class SpikeDetector:
 @dataclass(frozen=True)
 class VitalSigns:
     """The verdict on one loss: ``panic`` with its ``reason`` (None when healthy), the loss as a
-    float, the divergence ``threshold`` in effect, and the consecutive-anomaly count."""
+    float, the divergence ``threshold`` in effect, and the consecutive-anomaly count;
+    ``anomaly``: the sample broke the divergence limits (panicking or not yet); ``warming_up``:
+    the history was still too short to judge it."""
 
     panic: bool
     reason: str | None
     loss: float
     threshold: float
     consecutive_panics: int
+    anomaly: bool = False
+    warming_up: bool = False
 
 
 class LossMonitor:
@@ -201,13 +206,14 @@ class LossMonitor:
         value = coerce_loss(loss)
         threshold = self.spikes.threshold()
         if not math.isfinite(value) or self.is_lobotomy(value):
-            # Immediate panics count as one more anomaly in the run and never touch the history.
-            self.spikes.consecutive += 1
+            # Immediate panics never touch the history, nor the divergence run (as the original).
             immediate = REASON_NAN if not math.isfinite(value) else REASON_LOBOTOMY
             return VitalSigns(True, immediate, value, threshold, self.spikes.consecutive)
         verdict = self.spikes.observe(value)
         reason = REASON_DIVERGENCE if verdict.panic else None
-        return VitalSigns(verdict.panic, reason, value, threshold, verdict.consecutive)
+        return VitalSigns(
+            verdict.panic, reason, value, threshold, verdict.consecutive, verdict.anomaly, verdict.warming_up
+        )
 
     def reset(self) -> None:
         self.spikes.reset()

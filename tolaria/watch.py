@@ -15,18 +15,25 @@ from dataclasses import dataclass
 from tolaria.config import WatchConfig
 from tolaria.health import HealthReport
 from tolaria.vitals import (
+    REASON_DIVERGENCE,
     REASON_GRAD_EXPLOSION,
+    REASON_LOBOTOMY,
+    REASON_NAN,
     REASON_NONFINITE_GRADS,
     REASON_NONFINITE_PARAMS,
     LossMonitor,
     SpikeDetector,
 )
 
+#: Panics judged on the loss: their loss is the original Governor's ``_panic_loss``.
+_LOSS_REASONS = frozenset({REASON_NAN, REASON_LOBOTOMY, REASON_DIVERGENCE})
+
 
 @dataclass(frozen=True)
 class Panic:
     """Why the Governor panicked. ``loss``/``threshold`` are NaN where they do not apply (a
-    health panic has no loss); ``first_bad`` names the first sick tensor of a health panic;
+    health panic carries the loss of its step when that step's loss was judged first, NaN
+    otherwise); ``first_bad`` names the first sick tensor of a health panic;
     ``grad_norm`` is the global gradient L2 norm of a gradient panic (NaN otherwise); ``step``
     labels the observed step whose deferred verdict panicked (None for a blocking check)."""
 
@@ -50,13 +57,23 @@ class Watch:
     """All the Governor detects with: the loss monitor, a gradient-norm detector (its own
     history, the same sensitivity and consecutive rule, its own ``grad_norm_multiplier``, no
     absolute floor because norms have no fixed scale), and the last panic, which waits for a
-    rollback to report it. Only this class writes the pending panic."""
+    rollback to report it. Only this class writes the panic state.
+
+    Beside ``pending`` it keeps the original Governor's panic state, which esper-lite's trainer
+    reads and its tests write (``_panic_reason``, ``_panic_loss``, ``_pending_panic`` on the
+    Governor): ``panic_reason`` and ``panic_loss`` of the latest panic or divergence anomaly,
+    and ``anomaly_pending`` while a divergence run is building. A rollback reports them."""
 
     def __init__(self, config: WatchConfig | None = None) -> None:
         self.config = WatchConfig() if config is None else config
         self.loss = LossMonitor(self.config)
         self.grad_norms = SpikeDetector(self.config.grad_norm_rule(), self.config.history_window)
         self.pending: Panic | None = None
+        self.panic_reason: str | None = None
+        self.panic_loss: float | None = None
+        self.anomaly_pending = False
+        # The loss of the step being judged, for the report of a health panic of that step.
+        self._step_loss = math.nan
 
     def configure(self, config: WatchConfig) -> None:
         """Hand changed settings (already validated by :class:`WatchConfig`) to both monitors;
@@ -80,6 +97,15 @@ class Watch:
         """Judge one loss (see :class:`LossMonitor`); a panic is also kept as ``pending``.
         ``step`` labels a deferred verdict's step (None for a blocking check)."""
         signs = self.loss.check(loss)
+        self._step_loss = signs.loss
+        if signs.reason in (REASON_NAN, REASON_LOBOTOMY):
+            self.set_panic_state(reason=signs.reason, loss=signs.loss, anomaly_pending=False)
+        elif signs.anomaly:
+            self.set_panic_state(reason=REASON_DIVERGENCE, loss=signs.loss, anomaly_pending=True)
+        elif signs.warming_up:
+            self.panic_reason = None  # the original clears only the reason while warming up
+        else:
+            self.set_panic_state(reason=None, loss=None, anomaly_pending=False)
         if signs.reason is None:
             return None
         return self.keep(
@@ -97,6 +123,7 @@ class Watch:
         """
         names, nonfinite = report.names, report.nonfinite
         norms = report.norms[n_params:]
+        step_loss, self._step_loss = self._step_loss, math.nan
         grad_norm = gradient_norm(report, n_params)
         if report.first_bad is not None:  # a healthy step skips both per-tensor walks
             bad_param = next((names[i] for i in range(n_params) if nonfinite[i]), None)
@@ -105,7 +132,7 @@ class Watch:
             first_bad = bad_param if bad_param is not None else bad_grad
             if first_bad is not None:
                 return self.keep(
-                    Panic(reason=reason, loss=math.nan, threshold=math.nan, consecutive=1,
+                    Panic(reason=reason, loss=step_loss, threshold=math.nan, consecutive=1,
                           first_bad=first_bad, grad_norm=grad_norm, step=step)
                 )  # fmt: skip
         if not norms:
@@ -114,14 +141,22 @@ class Watch:
         if not verdict.panic:
             return None
         return self.keep(
-            Panic(reason=REASON_GRAD_EXPLOSION, loss=math.nan, threshold=verdict.threshold,
+            Panic(reason=REASON_GRAD_EXPLOSION, loss=step_loss, threshold=verdict.threshold,
                   consecutive=verdict.consecutive, grad_norm=grad_norm, step=step)
         )  # fmt: skip
 
     def keep(self, panic: Panic) -> Panic:
-        """Make ``panic`` the one awaiting a rollback (a check's own, or the group's agreed one)."""
+        """Make ``panic`` the one awaiting a rollback (a check's own, or the group's agreed one);
+        its reason becomes ``panic_reason`` (and a loss panic's loss ``panic_loss``)."""
         self.pending = panic
+        self.panic_reason = panic.reason
+        if panic.reason in _LOSS_REASONS:
+            self.panic_loss = panic.loss
         return panic
+
+    def set_panic_state(self, *, reason: str | None, loss: float | None, anomaly_pending: bool) -> None:
+        """Write the original Governor's panic state (see the class docstring)."""
+        self.panic_reason, self.panic_loss, self.anomaly_pending = reason, loss, bool(anomaly_pending)
 
     def panic_for_rollback(self, manual_reason: str) -> tuple[Panic, bool]:
         """The pending panic (and True), or a stand-in for a rollback no panic preceded: reason
@@ -135,8 +170,10 @@ class Watch:
         return stand_in, False
 
     def clear_panic(self) -> None:
-        """After a rollback: no pending panic, both anomaly runs back to 0 (histories kept)."""
+        """After a rollback: no pending panic, no panic state, both anomaly runs back to 0
+        (histories kept)."""
         self.pending = None
+        self.set_panic_state(reason=None, loss=None, anomaly_pending=False)
         self.loss.consecutive_panics = 0
         self.grad_norms.consecutive = 0
 
@@ -145,6 +182,7 @@ class Watch:
         self.loss.reset()
         self.grad_norms.reset()
         self.pending = None
+        self.set_panic_state(reason=None, loss=None, anomaly_pending=False)
 
 
 __all__ = ["Panic", "Watch", "gradient_norm"]

@@ -11,6 +11,7 @@ outside ``seed_slots.`` as an error.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 SEED_SLOTS_PREFIX = "seed_slots."
+
+logger = logging.getLogger(__name__)
 
 
 def is_fossilized(slot: object) -> bool:
@@ -51,8 +54,9 @@ def raise_on_drift(missing: tuple[str, ...], unexpected: tuple[str, ...]) -> Non
     drift_unexpected = [k for k in unexpected if not k.startswith(SEED_SLOTS_PREFIX)]
     if drift_missing or drift_unexpected:
         raise RuntimeError(
-            f"architecture drift: keys outside {SEED_SLOTS_PREFIX!r} are missing {drift_missing} or "
-            f"unexpected {drift_unexpected}; matching weights were restored and the LKG is kept"
+            f"snapshot corruption or architecture drift: keys outside {SEED_SLOTS_PREFIX!r} are missing "
+            f"{drift_missing} or unexpected {drift_unexpected}; matching weights were restored and the LKG "
+            "is kept"
         )
 
 
@@ -82,19 +86,21 @@ def raise_on_sick_unsaved_fossils(model: nn.Module, missing: tuple[str, ...]) ->
         )
 
 
-def prune_live_seeds(model: nn.Module, log: logging.Logger) -> tuple[str, ...]:
-    """Prune every live (present, staged, not fossilized) seed with ``initiator="governor"``;
-    returns the pruned slot ids. A failing prune is logged through ``log`` and skipped, never
+def prune_live_seeds(model: nn.Module) -> tuple[str, ...]:
+    """Prune every live seed (present and not fossilized; also one whose slot lost its lifecycle
+    record) with ``initiator="governor"``; returns the pruned slot ids. A failing prune is
+    reported on stderr (the original Governor's words) and in the log, and skipped, never
     raised: one broken seed must not stop the rollback of the others."""
     pruned: list[str] = []
     for slot_id, slot in _seed_slots(model):
-        if getattr(slot, "seed", None) is None or getattr(slot, "state", None) is None or is_fossilized(slot):
+        if getattr(slot, "seed", None) is None or is_fossilized(slot):
             continue
         try:
             slot.prune("governor_rollback", initiator="governor")
             pruned.append(str(slot_id))
-        except Exception:
-            log.exception("pruning seed slot %r after a rollback failed; continuing", slot_id)
+        except Exception as error:
+            print(f"WARNING: Seed prune failed during rollback for slot {slot_id}: {error}", file=sys.stderr)
+            logger.exception("pruning seed slot %r after a rollback failed; continuing", slot_id)
     return tuple(pruned)
 
 

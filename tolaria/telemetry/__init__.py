@@ -7,6 +7,7 @@ builders of the Governor's own events. This package face only hands their names 
 
 from tolaria.telemetry.hub import (
     CallbackSink,
+    ForwardingSink,
     JsonlSink,
     LoggingSink,
     TelemetryHub,
@@ -31,6 +32,7 @@ from tolaria.telemetry.payloads import (
 __all__ = [
     "PAYLOAD_TYPES",
     "CallbackSink",
+    "ForwardingSink",
     "GovernorPanicPayload",
     "GovernorRollbackPayload",
     "GovernorSnapshotPayload",

@@ -7,11 +7,13 @@ code that emitted the event: a broken dashboard must not break a rollback.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tolaria.telemetry.payloads import (
     LOG_LEVELS,
@@ -82,6 +84,40 @@ class CallbackSink(TelemetrySink):
 
     def emit(self, event: TelemetryEvent) -> None:
         self.callback(event)
+
+
+class ForwardingSink(TelemetrySink):
+    """Hands every typed event to a function of the host application, named by its import path
+    (``"package.module:function"``; attributes may be dotted: ``"app.telemetry:hub.emit"``).
+
+    The path is resolved at every event, not once, so replacing that attribute (a test's
+    ``monkeypatch.setattr``, or the host swapping its hub) takes effect at once. Use it to send
+    tolaria's events into an application's own telemetry (esper-lite's hub, a dashboard)::
+
+        tolaria.get_hub().add_sink(tolaria.ForwardingSink("myapp.telemetry:on_tolaria_event"))
+
+    Raises ValueError for a path without ``module:attribute``; a path that no longer resolves
+    raises at emit time, which the hub logs (the rollback is not affected).
+    """
+
+    def __init__(self, target: str) -> None:
+        module, sep, attribute = target.partition(":") if isinstance(target, str) else ("", "", "")
+        if not sep or not module or not attribute:
+            raise ValueError(f"target must be 'package.module:function', got {target!r}")
+        self.target = target
+        self._module, self._attribute = module, attribute
+
+    def resolve(self) -> Callable[[TelemetryEvent], object]:
+        """The function the path names now."""
+        value: Any = importlib.import_module(self._module)
+        for part in self._attribute.split("."):
+            value = getattr(value, part)
+        if not callable(value):
+            raise TypeError(f"ForwardingSink target {self.target!r} is not callable")
+        return value  # type: ignore[no-any-return]
+
+    def emit(self, event: TelemetryEvent) -> None:
+        self.resolve()(event)
 
 
 class TelemetryHub:
@@ -162,6 +198,7 @@ def emit_event(
 
 __all__ = [
     "CallbackSink",
+    "ForwardingSink",
     "JsonlSink",
     "LoggingSink",
     "TelemetryHub",

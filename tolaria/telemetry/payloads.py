@@ -124,7 +124,8 @@ class GovernorRollbackPayload(_Payload):
     """One rollback. ``consecutive_panics`` is the count at the panic, before the reset to 0;
     ``loss_at_panic`` is NaN when the rollback had no preceding panic. Key lists hold state-dict
     keys: ``missing_keys`` live in the model without a saved value, ``unexpected_keys`` were saved
-    but have no live tensor (architecture drift when outside ``seed_slots.``)."""
+    but have no live tensor (architecture drift when outside ``seed_slots.``). The last six
+    fields are esper-lite's attribution of the rollback, passed to ``execute_rollback``."""
 
     env_id: int
     device: str
@@ -135,6 +136,12 @@ class GovernorRollbackPayload(_Payload):
     panic_reason: str | None = None
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
+    episode_idx: int | None = None
+    triggering_action_id: str | None = None
+    raw_penalty: float | None = None
+    normalized_penalty: float | None = None
+    rollback_severity: float | None = None
+    watch_window_evidence: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

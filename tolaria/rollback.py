@@ -1,0 +1,166 @@
+"""A rollback, carried out: restore the committed LKG, prune live seeds, report it once.
+
+The Governor decides that a rollback happens (:meth:`TolariaGovernor.execute_rollback`); this
+module does it, in this order: refuse an LKG the caller edited (:mod:`tolaria.snapshot.handout`),
+restore the host and fossilized seeds in place and the optimizer state captured with them,
+prune every live seed, emit exactly one GOVERNOR_ROLLBACK event (carrying key mismatches and
+esper-lite's attribution fields), and only then raise on architecture drift, so the LKG and the
+panic state stay for another try.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tolaria.snapshot import seeds
+from tolaria.snapshot.entries import CaptureMeta, device_of, key_drift, restore_contents
+from tolaria.snapshot.handout import LkgHandout
+from tolaria.snapshot.store import SnapshotStore
+from tolaria.telemetry.events import Ranked, rollback_event
+from tolaria.telemetry.hub import TelemetryHub
+from tolaria.telemetry.payloads import GovernorRollbackPayload
+from tolaria.watch import Watch
+
+#: ``GovernorReport.reason`` of every rollback, as in the original Governor; the specific cause
+#: is ``panic_reason``.
+STRUCTURAL_COLLAPSE = "Structural Collapse"
+#: The telemetry payload's ``reason`` of a rollback that no panic preceded.
+REASON_MANUAL_ROLLBACK = "governor_manual_rollback"
+
+
+@dataclass(frozen=True)
+class GovernorReport:
+    """The result of one :meth:`TolariaGovernor.execute_rollback`.
+
+    The first five fields are the original Governor's: ``reason`` is always
+    ``"Structural Collapse"``; ``loss_at_panic`` is the Governor's ``_panic_loss`` (the loss of
+    the latest loss panic or divergence anomaly; NaN when there was none: a manual rollback, or
+    a health panic); ``consecutive_panics`` is the count AFTER the rollback, i.e. 0 (the
+    telemetry payload carries the count at the panic). ``panic_reason`` is the specific cause
+    (``governor_nan``, ``governor_divergence``, ``governor_nonfinite_params``, ...; None for a
+    manual rollback). ``missing_keys`` / ``unexpected_keys`` are state-dict keys with no saved
+    value / no live tensor (only keys under ``seed_slots.`` can appear here: others raise).
+    ``optimizer_state`` is "restored", "cleared" or "untouched". ``panic_step`` is the label of
+    the observed step whose deferred verdict panicked, None after a blocking check.
+    """
+
+    reason: str
+    loss_at_panic: float
+    loss_threshold: float
+    consecutive_panics: int
+    rollback_occurred: bool
+    panic_reason: str | None = None
+    env_id: int = 0
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+    pruned_slots: tuple[str, ...] = ()
+    optimizer_state: str = "untouched"
+    panic_step: int | None = None
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """esper-lite's attribution of a rollback to the action that caused it; every field travels
+    in the GOVERNOR_ROLLBACK payload unchanged (None: not given)."""
+
+    triggering_action_id: str | None = None
+    raw_penalty: float | None = None
+    normalized_penalty: float | None = None
+    rollback_severity: float | None = None
+    watch_window_evidence: float | None = None
+    episode_idx: int | None = None
+
+
+def _emit_or_warn(hub_source: Callable[[], TelemetryHub], event: Any) -> None:
+    """Emit the rollback event; a failure (a broken or patched hub) must not undo a rollback
+    that has already happened, so it becomes one line on stderr, the original's wording."""
+    try:
+        hub_source().emit(event)
+    except Exception as error:
+        print(f"WARNING: Governor rollback succeeded but telemetry emission failed: {error}", file=sys.stderr)
+
+
+def perform_rollback(
+    *,
+    store: SnapshotStore,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    watch: Watch,
+    handout: LkgHandout | None,
+    hub_source: Callable[[], TelemetryHub],
+    ranked: Ranked,
+    fault_ranks: tuple[int, ...],
+    env_id: int,
+    attribution: Attribution,
+) -> tuple[GovernorReport, str]:
+    """Roll ``model`` (and ``optimizer``) back to the store's committed LKG; returns the report
+    and the optimizer outcome. ``handout``: the ``last_good_state`` dict given to the caller for
+    this LKG, if any (verified before anything is written).
+
+    Raises RuntimeError when there is no LKG or the handed-out dict was edited (nothing written),
+    SnapshotMismatchError when a saved tensor no longer fits (nothing written), and RuntimeError
+    on architecture drift or a sick late fossil (after the restore and the event).
+    """
+    saved, meta = store.last_good_state, store.lkg_meta
+    if saved is None or not isinstance(meta, CaptureMeta):
+        raise RuntimeError("no Last Known Good snapshot to roll back to (no snapshot was ever committed)")
+    if handout is not None and handout.source is saved:
+        handout.verify()
+    optimizer_state = restore_contents(store, model, optimizer, saved, meta)
+    pruned = seeds.prune_live_seeds(model)
+    missing, unexpected = key_drift(model, meta)
+    panic, panicked = watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
+    panic_reason = watch.panic_reason
+    loss = math.nan if watch.panic_loss is None else float(watch.panic_loss)
+    payload = GovernorRollbackPayload(
+        env_id=env_id,
+        device=str(device_of(model)),
+        reason=panic_reason or REASON_MANUAL_ROLLBACK,
+        loss_at_panic=loss,
+        loss_threshold=panic.threshold,
+        consecutive_panics=max(panic.consecutive, watch.loss.consecutive_panics),
+        panic_reason=panic_reason,
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+        episode_idx=attribution.episode_idx,
+        triggering_action_id=attribution.triggering_action_id,
+        raw_penalty=attribution.raw_penalty,
+        normalized_penalty=attribution.normalized_penalty,
+        rollback_severity=attribution.rollback_severity,
+        watch_window_evidence=attribution.watch_window_evidence,
+    )
+    _emit_or_warn(hub_source, rollback_event(payload, fault_ranks, ranked))
+    seeds.raise_on_drift(missing, unexpected)
+    seeds.raise_on_sick_unsaved_fossils(model, missing)
+    watch.clear_panic()
+    report = GovernorReport(
+        reason=STRUCTURAL_COLLAPSE,
+        loss_at_panic=loss,
+        loss_threshold=panic.threshold,
+        consecutive_panics=0,
+        rollback_occurred=True,
+        panic_reason=panic_reason,
+        env_id=env_id,
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+        pruned_slots=pruned,
+        optimizer_state=optimizer_state,
+        panic_step=panic.step if panicked else None,
+    )
+    return report, optimizer_state
+
+
+__all__ = [
+    "REASON_MANUAL_ROLLBACK",
+    "STRUCTURAL_COLLAPSE",
+    "Attribution",
+    "GovernorReport",
+    "perform_rollback",
+]
