@@ -26,6 +26,7 @@ from tolaria.health import HealthReport, check_tensors
 from tolaria.lifecycle import LifecycleMutationHealthSnapshot, LifecycleMutationVerdict
 from tolaria.morphogenesis.stages import LifecycleOp, SeedStage
 from tolaria.protocol import GovernorProtocol
+from tolaria.recovery import RecoveryPolicy, SkipList, TrainingAborted, load_last_good
 from tolaria.tasks import TaskSpec, available_tasks, get_task_spec
 from tolaria.telemetry import (
     CallbackSink,
@@ -58,13 +59,16 @@ __all__ = [
     "LifecycleMutationVerdict",
     "LifecycleOp",
     "LoggingSink",
+    "RecoveryPolicy",
     "SeedStage",
+    "SkipList",
     "SnapshotInfo",
     "StepOutcome",
     "TaskSpec",
     "TelemetryEvent",
     "TelemetryEventType",
     "TolariaGovernor",
+    "TrainingAborted",
     "WatchConfig",
     "__version__",
     "available_tasks",
@@ -72,6 +76,7 @@ __all__ = [
     "create_model",
     "get_hub",
     "get_task_spec",
+    "load_last_good",
     "parse_device",
     "validate_device",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +34,11 @@ from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
 from tolaria.lifecycle import LifecycleMutationVerdict, preflight_lifecycle_mutation
+from tolaria.recovery.lkg_file import save_lkg
 from tolaria.rollback import REASON_MANUAL_ROLLBACK, Attribution, GovernorReport, perform_rollback
 from tolaria.snapshot.entries import (
     OPTIMIZER_KEY_PREFIX,
+    CaptureMeta,
     check_optimizer,
     device_of,
     order_steps_after_captures,
@@ -339,6 +342,19 @@ class TolariaGovernor(GovernorAttributes):
         self.optimizer = optimizer
         if optimizer is not None:
             self._hook_handle = order_steps_after_captures(optimizer, self._store)
+
+    # -- the LKG on disk ------------------------------------------------------------------------
+    def save_last_good(self, path: str | Path, *, overwrite: bool = False, step: int | None = None) -> Path:
+        """Write the committed LKG (model and, when known, optimizer state) to the folder ``path``:
+        safetensors for the tensors plus a JSON manifest with a checksum per tensor
+        (:mod:`tolaria.recovery.lkg_file`; load it with :func:`tolaria.load_last_good`). Resolves
+        a pending capture first. Raises RuntimeError without a committed LKG, FileExistsError when
+        ``path`` exists and not ``overwrite``; a failed write leaves nothing that loads."""
+        self._resolve(drain=True)
+        saved, meta = self._store.last_good_state, self._store.lkg_meta
+        if saved is None or not isinstance(meta, CaptureMeta):
+            raise RuntimeError("no Last Known Good snapshot to save (no snapshot was ever committed)")
+        return save_lkg(path, saved, meta, step=step, overwrite=overwrite)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def preflight_lifecycle_mutation(self, **request: Any) -> LifecycleMutationVerdict:

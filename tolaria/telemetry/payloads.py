@@ -32,6 +32,14 @@ class TelemetryEventType(str, enum.Enum):
     HEALTH_ALERT = "health_alert"
     #: A snapshot store keeps working in a slower or weaker mode (e.g. pinned memory unavailable).
     SNAPSHOT_DEGRADED = "snapshot_degraded"
+    #: The recovery policy lowered the learning rate after a rollback; emitted by its ladder.
+    RECOVERY_LR_BACKOFF = "recovery_lr_backoff"
+    #: The recovery policy cleared the optimizer's moments after repeated rollbacks.
+    RECOVERY_MOMENT_RESET = "recovery_moment_reset"
+    #: The recovery budget ran out: TrainingAborted is raised (after saving the LKG).
+    RECOVERY_ABORTED = "recovery_aborted"
+    #: Shadow mode saw a panic and touched nothing (what it would have done is in the message).
+    RECOVERY_OBSERVED = "recovery_observed"
 
 
 class Severity(str, enum.Enum):
@@ -195,12 +203,27 @@ class SnapshotDegradedPayload(_Payload):
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RecoveryPayload(_Payload):
+    """One rung of the recovery ladder at ``step``: the panic ``reason``, how many rollbacks fell
+    within the last ``window_steps`` steps, the learning-rate ``factor`` now in force (backoffs)
+    and the ``path`` of the saved LKG (an abort with a ``save_dir``)."""
+
+    step: int
+    reason: str
+    rollbacks_in_window: int
+    window_steps: int
+    factor: float | None = None
+    path: str | None = None
+
+
 TelemetryPayload = (
     GovernorRollbackPayload
     | GovernorPanicPayload
     | GovernorSnapshotPayload
     | HealthAlertPayload
     | SnapshotDegradedPayload
+    | RecoveryPayload
 )
 
 PAYLOAD_TYPES: dict[TelemetryEventType, type[_Payload]] = {
@@ -209,6 +232,10 @@ PAYLOAD_TYPES: dict[TelemetryEventType, type[_Payload]] = {
     TelemetryEventType.GOVERNOR_SNAPSHOT: GovernorSnapshotPayload,
     TelemetryEventType.HEALTH_ALERT: HealthAlertPayload,
     TelemetryEventType.SNAPSHOT_DEGRADED: SnapshotDegradedPayload,
+    TelemetryEventType.RECOVERY_LR_BACKOFF: RecoveryPayload,
+    TelemetryEventType.RECOVERY_MOMENT_RESET: RecoveryPayload,
+    TelemetryEventType.RECOVERY_ABORTED: RecoveryPayload,
+    TelemetryEventType.RECOVERY_OBSERVED: RecoveryPayload,
 }
 
 
@@ -270,6 +297,7 @@ __all__ = [
     "GovernorRollbackPayload",
     "GovernorSnapshotPayload",
     "HealthAlertPayload",
+    "RecoveryPayload",
     "Severity",
     "SnapshotDegradedPayload",
     "TelemetryEvent",
