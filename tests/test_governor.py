@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tolaria.governor as governor_module
-from tolaria import telemetry
+from tolaria import RecoveryPolicy, TrainingAborted, telemetry
 from tolaria.constants import DEFAULT_GOVERNOR_HISTORY_WINDOW
 from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
 from tolaria.snapshot import reference
@@ -78,6 +78,7 @@ def test_signature_defaults_and_attributes_match_the_original() -> None:
         "snapshot_backend",
         "health_backend",
         "process_group",
+        "recovery",
     ]
     model = small_model()
     gov = TolariaGovernor(model, 5.0, 2.0, 11.0, 7.0, 15, 2)
@@ -357,6 +358,14 @@ def test_every_event_type_is_emitted_by_something(
     store = reference.ReferenceSnapshotStore(pin_memory=True)
     store.capture({"w": torch.ones(1)})
     store.resolve()
+    # The recovery policy's rungs: backoff and moment reset, then the budget; shadow mode.
+    policy = RecoveryPolicy(max_rollbacks=1, reset_moments_after=1)
+    other = small_model()
+    recovering = gov_for(other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1), recovery=policy)
+    recovering.execute_rollback()
+    with pytest.raises(TrainingAborted):
+        recovering.execute_rollback()
+    gov_for(small_model(), recovery=RecoveryPolicy(mode="observe")).execute_rollback()
     assert {e.event_type for e in events} == set(TelemetryEventType)
 
 

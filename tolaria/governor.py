@@ -34,10 +34,17 @@ from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
 from tolaria.lifecycle import LifecycleMutationVerdict, preflight_lifecycle_mutation
+from tolaria.recovery.ladder import RecoveryLadder
 from tolaria.recovery.lkg_file import save_lkg
-from tolaria.rollback import REASON_MANUAL_ROLLBACK, Attribution, GovernorReport, perform_rollback
+from tolaria.recovery.policy import RecoveryPolicy
+from tolaria.rollback import (
+    REASON_MANUAL_ROLLBACK,
+    Attribution,
+    GovernorReport,
+    observed_report,
+    perform_rollback,
+)
 from tolaria.snapshot.entries import (
-    OPTIMIZER_KEY_PREFIX,
     CaptureMeta,
     check_optimizer,
     device_of,
@@ -95,6 +102,7 @@ class TolariaGovernor(GovernorAttributes):
         snapshot_backend: str = "auto",
         health_backend: str = "auto",
         process_group: Any = None,
+        recovery: RecoveryPolicy | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,23 +135,15 @@ class TolariaGovernor(GovernorAttributes):
         self._handout: LkgHandout | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._hook_handle: Any = None
+        if recovery is not None and not isinstance(recovery, RecoveryPolicy):
+            raise TypeError(
+                f"recovery must be a tolaria.RecoveryPolicy or None, got {type(recovery).__name__}"
+            )
+        self.recovery = recovery
+        self._ladder: RecoveryLadder | None = None
+        self._clock = 0  # the Governor's step count: one per check_vital_signs() or observe()
         self._set_optimizer(optimizer)
         self.snapshot()
-
-    @property
-    def last_good_state(self) -> dict[str, torch.Tensor] | None:
-        """The committed LKG: state-dict key → CPU tensor (no grad; pinned for CUDA models), or
-        None before the first commit. Resolves an in-flight capture first. A new dict per
-        commit; its tensors are read-only views, valid at least until the next commit. Drains
-        the deferred verdicts first (waiting for them), so a gated capture is decided."""
-        self._resolve(drain=True)
-        source = self._store.last_good_state
-        if source is None:
-            return None
-        if self._handout is None or self._handout.source is not source:
-            view = {k: v for k, v in source.items() if not k.startswith(OPTIMIZER_KEY_PREFIX)}
-            self._handout = LkgHandout(source, view)
-        return self._handout.view
 
     # -- snapshot ------------------------------------------------------------------------------
     def snapshot(self) -> SnapshotInfo:
@@ -190,6 +190,7 @@ class TolariaGovernor(GovernorAttributes):
         Accepts a Python number or a one-element tensor on any device; raises TypeError naming
         the type otherwise.
         """
+        self._clock += 1
         if self._catch_up():
             return True
         panic = self._group.decide(
@@ -229,6 +230,7 @@ class TolariaGovernor(GovernorAttributes):
         before it are in and healthy (:mod:`tolaria.commit`). Raises TypeError for a bad
         ``loss``/``step`` (nothing is enqueued), and NotImplementedError with a process group.
         """
+        self._clock += 1
         pairs, n_params = self._health_pairs()
         self._verdicts.push(step, loss, pairs, n_params, self.health_backend, distributed=self.distributed)
         self._announce(self._commit.consume(wait_for=self._verdicts.pushed - self._verdicts.max_pending))
@@ -277,29 +279,20 @@ class TolariaGovernor(GovernorAttributes):
         rollback_severity: float | None = None,
         watch_window_evidence: float | None = None,
         episode_idx: int | None = None,
+        skipped_batches: tuple[Any, ...] = (),
     ) -> GovernorReport:
-        """Restore the LKG into the model (and the optimizer), prune live seeds, report
-        (:mod:`tolaria.rollback`). The attribution fields (esper-lite's) travel unchanged in the
-        GOVERNOR_ROLLBACK payload.
+        """Restore the LKG into the model (and the optimizer), prune live seeds, report; then
+        apply the recovery policy, if any. First every deferred verdict still out is judged and
+        an in-flight capture resolved, so a capture taken after a sick step is discarded and the
+        previous LKG comes back. ``optimizer`` defaults to the one the Governor knows (one without
+        captured state is cleared, and becomes known). The attribution fields (esper-lite's) and
+        ``skipped_batches`` travel in the one GOVERNOR_ROLLBACK event. The steps are
+        :func:`tolaria.rollback.perform_rollback`'s; so are the errors (nothing is written when
+        the LKG is missing or was edited; drift raises after the restore, the LKG kept).
 
-        Order: consume every deferred verdict still out (waiting for it) and resolve an
-        in-flight capture behind its gate, so a capture taken after a sick step is discarded and
-        the previous committed LKG comes back; restore the host and fossilized seeds in place;
-        restore the optimizer state captured with the LKG (``optimizer`` defaults to the one
-        the Governor knows; one without captured state is cleared entirely, and becomes known
-        for later snapshots); prune every live seed (failures are logged, not raised); emit
-        exactly one GOVERNOR_ROLLBACK carrying any key mismatches.
-
-        Raises:
-            TypeError: ``optimizer`` is not a torch.optim.Optimizer.
-            RuntimeError: there is no LKG, or the ``last_good_state`` dict handed out was edited
-                (keys outside ``seed_slots.`` deleted/added, or a tensor written in place or
-                replaced: refused, nothing is touched); or keys outside ``seed_slots.``
-                are missing/unexpected (architecture drift) — raised after the restore and the
-                event; the LKG and the panic state stay, so the rollback can be retried.
-            SnapshotMismatchError: a saved tensor's shape/dtype no longer fits (nothing written).
-            DistributedGovernorError: with a process group, on the ranks whose own rollback
-                succeeded when another rank's failed, or when a rank did not report in time.
+        Raises TypeError for a non-optimizer, RuntimeError/SnapshotMismatchError as above,
+        TrainingAborted when the policy's budget runs out, and DistributedGovernorError with a
+        process group when another rank's rollback failed or a rank did not report in time.
         """
         attribution = Attribution(
             triggering_action_id=triggering_action_id,
@@ -308,6 +301,7 @@ class TolariaGovernor(GovernorAttributes):
             rollback_severity=rollback_severity,
             watch_window_evidence=watch_window_evidence,
             episode_idx=episode_idx,
+            skipped_batches=tuple(skipped_batches),
         )
         return self._group.run_rollback(lambda: self._rollback(env_id, optimizer, attribution))
 
@@ -317,6 +311,10 @@ class TolariaGovernor(GovernorAttributes):
         check_optimizer(optimizer)
         self._resolve(drain=True)
         target = optimizer if optimizer is not None else self.optimizer
+        ladder = self._ladder
+        if ladder is not None and ladder.policy.observe_only:  # shadow mode: touch nothing
+            action = ladder.after_rollback(self._clock, self._watch.panic_reason or REASON_MANUAL_ROLLBACK)
+            return observed_report(self._watch, env_id, action)
         report, _ = perform_rollback(
             store=self._store,
             model=self.model,
@@ -330,11 +328,16 @@ class TolariaGovernor(GovernorAttributes):
             attribution=attribution,
         )
         self._set_optimizer(target)
-        return report
+        if self._ladder is None:
+            return report
+        self._ladder.stats.skipped_batches += len(attribution.skipped_batches)
+        # May raise TrainingAborted (the rollback has happened; the LKG is saved first).
+        action = self._ladder.after_rollback(self._clock, report.panic_reason or REASON_MANUAL_ROLLBACK)
+        return replace(report, recovery_action=action)
 
     def _set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         check_optimizer(optimizer)
-        if optimizer is self.optimizer:
+        if optimizer is self.optimizer and (self.recovery is None or self._ladder is not None):
             return
         if self._hook_handle is not None:
             self._hook_handle.remove()
@@ -342,6 +345,10 @@ class TolariaGovernor(GovernorAttributes):
         self.optimizer = optimizer
         if optimizer is not None:
             self._hook_handle = order_steps_after_captures(optimizer, self._store)
+        if self.recovery is not None:  # the ladder's learning-rate hooks follow the optimizer
+            self._ladder = RecoveryLadder.rebind(
+                self._ladder, self.recovery, optimizer, hub_source=_current_hub, save_lkg=self._save_for_abort
+            )
 
     # -- the LKG on disk ------------------------------------------------------------------------
     def save_last_good(self, path: str | Path, *, overwrite: bool = False, step: int | None = None) -> Path:
@@ -355,6 +362,14 @@ class TolariaGovernor(GovernorAttributes):
         if saved is None or not isinstance(meta, CaptureMeta):
             raise RuntimeError("no Last Known Good snapshot to save (no snapshot was ever committed)")
         return save_lkg(path, saved, meta, step=step, overwrite=overwrite)
+
+    def _save_for_abort(self, path: Path) -> Path:
+        return self.save_last_good(path, overwrite=True, step=self._clock)
+
+    def recovery_healthy_step(self) -> None:
+        """Tell the recovery policy a step was healthy (warms the learning rate back)."""
+        if self._ladder is not None:
+            self._ladder.healthy_step()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def preflight_lifecycle_mutation(self, **request: Any) -> LifecycleMutationVerdict:

@@ -15,10 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from tolaria.config import WatchConfig
 from tolaria.deferred import check_max_pending
+from tolaria.recovery.ladder import RecoveryStats
+from tolaria.snapshot.entries import OPTIMIZER_KEY_PREFIX
+from tolaria.snapshot.handout import LkgHandout
 
 if TYPE_CHECKING:
+    import torch
+
     from tolaria.deferred import VerdictQueue
     from tolaria.distributed import LocalDecisions
+    from tolaria.recovery.ladder import RecoveryLadder
     from tolaria.snapshot.store import SnapshotStore
     from tolaria.watch import Panic, Watch
 
@@ -38,12 +44,16 @@ class _Setting:
 
 
 class GovernorAttributes:
-    """Mixed into the Governor, which sets ``_watch``, ``_verdicts``, ``_store`` and ``_group``."""
+    """Mixed into the Governor, which sets the parts annotated below and resolves captures."""
 
     _watch: Watch
     _verdicts: VerdictQueue
     _store: SnapshotStore
     _group: LocalDecisions
+    _handout: LkgHandout | None
+    _ladder: RecoveryLadder | None
+
+    def _resolve(self, *, drain: bool = False) -> object: ...
 
     sensitivity = _Setting()
     multiplier = _Setting()
@@ -140,6 +150,26 @@ class GovernorAttributes:
     @property
     def snapshot_backend(self) -> str:
         return self._store.backend
+
+    @property
+    def last_good_state(self) -> dict[str, torch.Tensor] | None:
+        """The committed LKG: state-dict key → CPU tensor (no grad; pinned for CUDA models), or
+        None before the first commit. Resolves an in-flight capture first. A new dict per
+        commit; its tensors are read-only views, valid at least until the next commit. Drains
+        the deferred verdicts first (waiting for them), so a gated capture is decided."""
+        self._resolve(drain=True)
+        source = self._store.last_good_state
+        if source is None:
+            return None
+        if self._handout is None or self._handout.source is not source:
+            view = {k: v for k, v in source.items() if not k.startswith(OPTIMIZER_KEY_PREFIX)}
+            self._handout = LkgHandout(source, view)
+        return self._handout.view
+
+    @property
+    def recovery_stats(self) -> RecoveryStats:
+        """What the recovery policy has done (all zero without one): for loggers."""
+        return RecoveryStats() if self._ladder is None else self._ladder.stats
 
 
 __all__ = ["GovernorAttributes"]

@@ -49,6 +49,9 @@ class GovernorReport:
     value / no live tensor (only keys under ``seed_slots.`` can appear here: others raise).
     ``optimizer_state`` is "restored", "cleared" or "untouched". ``panic_step`` is the label of
     the observed step whose deferred verdict panicked, None after a blocking check.
+    ``recovery_action`` says what a :class:`tolaria.RecoveryPolicy` did after the rollback
+    (``"lr_backoff"``, ``"lr_backoff+moment_reset"``, ``"observed"`` in shadow mode, where
+    ``rollback_occurred`` is False and nothing was touched; ``""`` without a policy).
     """
 
     reason: str
@@ -63,6 +66,7 @@ class GovernorReport:
     pruned_slots: tuple[str, ...] = ()
     optimizer_state: str = "untouched"
     panic_step: int | None = None
+    recovery_action: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Attribution:
     rollback_severity: float | None = None
     watch_window_evidence: float | None = None
     episode_idx: int | None = None
+    #: Identities of the batches seen between the LKG and the panic (a resumed run skips them).
+    skipped_batches: tuple[Any, ...] = ()
 
 
 def _emit_or_warn(hub_source: Callable[[], TelemetryHub], event: Any) -> None:
@@ -135,6 +141,7 @@ def perform_rollback(
         normalized_penalty=attribution.normalized_penalty,
         rollback_severity=attribution.rollback_severity,
         watch_window_evidence=attribution.watch_window_evidence,
+        skipped_batches=attribution.skipped_batches,
     )
     _emit_or_warn(hub_source, rollback_event(payload, fault_ranks, ranked))
     seeds.raise_on_drift(missing, unexpected)
@@ -155,6 +162,25 @@ def perform_rollback(
         panic_step=panic.step if panicked else None,
     )
     return report, optimizer_state
+
+
+def observed_report(watch: Watch, env_id: int, action: str) -> GovernorReport:
+    """Shadow mode's answer to a rollback request: what would have been reported, with
+    ``rollback_occurred=False``; the panic state is cleared so detection goes on."""
+    panic, panicked = watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
+    report = GovernorReport(
+        reason=STRUCTURAL_COLLAPSE,
+        loss_at_panic=math.nan if watch.panic_loss is None else float(watch.panic_loss),
+        loss_threshold=panic.threshold,
+        consecutive_panics=0,
+        rollback_occurred=False,
+        panic_reason=watch.panic_reason,
+        env_id=env_id,
+        panic_step=panic.step if panicked else None,
+        recovery_action=action,
+    )
+    watch.clear_panic()
+    return report
 
 
 __all__ = [

@@ -66,6 +66,24 @@ class RecoveryLadder:
         acts = not policy.observe_only and optimizer is not None and policy.lr_backoff < 1.0
         self.lr: LrFactor | None = LrFactor(optimizer) if acts and optimizer is not None else None
 
+    @classmethod
+    def rebind(
+        cls,
+        previous: RecoveryLadder | None,
+        policy: RecoveryPolicy,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        hub_source: Callable[[], TelemetryHub],
+        save_lkg: Callable[[Path], Path] | None = None,
+    ) -> RecoveryLadder:
+        """A ladder for ``optimizer`` that keeps ``previous``'s counts and window (its hooks are
+        taken off the old optimizer): the Governor's optimizer may change at a rollback."""
+        ladder = cls(policy, optimizer, hub_source=hub_source, save_lkg=save_lkg)
+        if previous is not None:
+            previous.close()
+            ladder.stats, ladder._window = previous.stats, previous._window
+        return ladder
+
     def _emit(
         self, kind: TelemetryEventType, severity: Severity, message: str, payload: RecoveryPayload
     ) -> None:

@@ -133,7 +133,9 @@ class GovernorRollbackPayload(_Payload):
     ``loss_at_panic`` is NaN when the rollback had no preceding panic. Key lists hold state-dict
     keys: ``missing_keys`` live in the model without a saved value, ``unexpected_keys`` were saved
     but have no live tensor (architecture drift when outside ``seed_slots.``). The last six
-    fields are esper-lite's attribution of the rollback, passed to ``execute_rollback``."""
+    fields are esper-lite's attribution of the rollback, passed to ``execute_rollback``;
+    ``skipped_batches`` lists the batches seen between the LKG and the panic, when the loop
+    passed their identities (a resumed run skips them)."""
 
     env_id: int
     device: str
@@ -150,6 +152,7 @@ class GovernorRollbackPayload(_Payload):
     normalized_penalty: float | None = None
     rollback_severity: float | None = None
     watch_window_evidence: float | None = None
+    skipped_batches: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
