@@ -88,15 +88,16 @@ def test_a_backoff_survives_every_scheduler_step(kind: str) -> None:
     assert factor.factor == 0.25
 
 
-def test_the_factor_compounds_and_warms_back_linearly() -> None:
+def test_the_factor_compounds_and_warms_back_geometrically() -> None:
     param = nn.Parameter(torch.zeros(()))
     opt = torch.optim.SGD([param], lr=1.0)
     factor = LrFactor(opt)
-    assert factor.back_off(0.5) == 0.5 and factor.back_off(0.5) == 0.25
-    factor.healthy_step(3)
-    assert factor.factor == pytest.approx(0.5)
-    factor.healthy_step(3)
-    factor.healthy_step(3)
+    assert factor.back_off(0.1) == 0.1 and factor.back_off(0.1) == pytest.approx(0.01)
+    factor.healthy_step(4)
+    factor.healthy_step(4)
+    assert factor.factor == pytest.approx(0.1)  # halfway: the square root of the backoff
+    factor.healthy_step(4)
+    factor.healthy_step(4)
     assert factor.factor == 1.0 and factor.effective_lrs() == [1.0]
     factor.remove()
     factor.back_off(0.1)

@@ -34,19 +34,23 @@ from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
 from tolaria.lifecycle import LifecycleMutationVerdict, preflight_lifecycle_mutation
+from tolaria.optim import unwrap_optimizer
 from tolaria.recovery.ladder import RecoveryLadder
 from tolaria.recovery.lkg_file import save_lkg
 from tolaria.recovery.policy import RecoveryPolicy
+from tolaria.restore_state import RestoreState
 from tolaria.rollback import (
     REASON_MANUAL_ROLLBACK,
     Attribution,
     GovernorReport,
+    check_env_id,
     observed_report,
     perform_rollback,
 )
 from tolaria.snapshot.entries import (
     CaptureMeta,
-    check_optimizer,
+    check_model_snapshottable,
+    check_optimizer_params,
     device_of,
     order_steps_after_captures,
 )
@@ -112,7 +116,7 @@ class TolariaGovernor(GovernorAttributes):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
         self.model = model
-        self.death_penalty = check_number("death_penalty", death_penalty)
+        self.death_penalty = check_number("death_penalty", death_penalty, minimum=0.0)
         self._watch = Watch(
             WatchConfig(
                 sensitivity=sensitivity,
@@ -142,7 +146,9 @@ class TolariaGovernor(GovernorAttributes):
         self.recovery = recovery
         self._ladder: RecoveryLadder | None = None
         self._clock = 0  # the Governor's step count: one per check_vital_signs() or observe()
+        self._restore = RestoreState()
         self._set_optimizer(optimizer)
+        check_model_snapshottable(model, self.optimizer)  # meta, lazy, quantized: say so, before a copy
         self.snapshot()
 
     # -- snapshot ------------------------------------------------------------------------------
@@ -160,6 +166,7 @@ class TolariaGovernor(GovernorAttributes):
         on CPU that is decided here unless a verdict is still out (``committed`` is then None).
         """
         require_default_stream(device_of(self.model), "TolariaGovernor.snapshot()")
+        self._restore.refuse("TolariaGovernor.snapshot()", self._group.agree_on_commit)
         start = time.perf_counter()
         self._resolve()
         info = self._commit.stage(
@@ -194,8 +201,12 @@ class TolariaGovernor(GovernorAttributes):
         if self._catch_up():
             return True
         panic = self._group.decide(
-            self._watch, lambda: self._watch.observe_loss(current_loss), "check_vital_signs"
+            self._watch,
+            lambda: self._restore.panic(self._watch) or self._watch.observe_loss(current_loss),
+            "check_vital_signs",
         )
+        if panic is None:
+            self.recovery_healthy_step()  # the recovery policy warms the learning rate back
         return self._announce(panic)
 
     def check_health(self) -> bool:
@@ -209,7 +220,8 @@ class TolariaGovernor(GovernorAttributes):
         self._last_grad_norm = None
         if self._catch_up():
             return True
-        return self._announce(self._group.decide(self._watch, self._observe_tensors, "check_health"))
+        observe, names = self._observe_tensors, self._checked_names
+        return self._announce(self._group.decide(self._watch, observe, "check_health", names=names))
 
     @property
     def last_grad_norm(self) -> float | None:
@@ -231,6 +243,8 @@ class TolariaGovernor(GovernorAttributes):
         ``loss``/``step`` (nothing is enqueued), and NotImplementedError with a process group.
         """
         self._clock += 1
+        if self._restore.incomplete is not None:
+            return self._announce(self._restore.panic(self._watch))
         pairs, n_params = self._health_pairs()
         self._verdicts.push(step, loss, pairs, n_params, self.health_backend, distributed=self.distributed)
         self._announce(self._commit.consume(wait_for=self._verdicts.pushed - self._verdicts.max_pending))
@@ -250,7 +264,15 @@ class TolariaGovernor(GovernorAttributes):
             pairs += [(f"{name}.grad", p.grad) for name, p in params if p.grad is not None]
         return pairs, n_params
 
+    def _checked_names(self) -> list[str]:
+        """The names ``check_health`` may report, the same list on every rank (for consensus)."""
+        params = [name for name, _ in self.model.named_parameters()]
+        grads = [f"{name}.grad" for name in params] if self.check_gradients else []
+        return (params if self.check_parameters else []) + grads
+
     def _observe_tensors(self) -> Panic | None:
+        if self._restore.incomplete is not None:
+            return self._restore.panic(self._watch)
         pairs, n_params = self._health_pairs()
         report = health.check_tensors(pairs, backend=self.health_backend) if pairs else None
         if report is None:
@@ -308,9 +330,11 @@ class TolariaGovernor(GovernorAttributes):
     def _rollback(
         self, env_id: int, optimizer: torch.optim.Optimizer | None, attribution: Attribution
     ) -> GovernorReport:
-        check_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)  # a trainer's wrapper: hooks and state are the real one's
+        check_env_id(env_id)
         self._resolve(drain=True)
         target = optimizer if optimizer is not None else self.optimizer
+        check_optimizer_params(self.model, target)  # before anything is written
         ladder = self._ladder
         if ladder is not None and ladder.policy.observe_only:  # shadow mode: touch nothing
             action = ladder.after_rollback(self._clock, self._watch.panic_reason or REASON_MANUAL_ROLLBACK)
@@ -326,6 +350,7 @@ class TolariaGovernor(GovernorAttributes):
             fault_ranks=self._group.fault_ranks,
             env_id=env_id,
             attribution=attribution,
+            restore_state=self._restore,
         )
         self._set_optimizer(target)
         if self._ladder is None:
@@ -336,9 +361,10 @@ class TolariaGovernor(GovernorAttributes):
         return replace(report, recovery_action=action)
 
     def _set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        check_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)  # a trainer's wrapper: hooks and state are the real one's
         if optimizer is self.optimizer and (self.recovery is None or self._ladder is not None):
             return
+        check_optimizer_params(self.model, optimizer)
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None

@@ -17,8 +17,9 @@ import torch
 class LrFactor:
     """Scales the learning rate ``optimizer`` steps with by :attr:`factor` (1.0: untouched).
 
-    :meth:`back_off` multiplies the factor; :meth:`healthy_step` warms it back to 1 linearly over
-    ``recovery_steps`` healthy steps from the value it had after the last backoff.
+    :meth:`back_off` multiplies the factor; :meth:`healthy_step` warms it back to 1
+    geometrically over ``recovery_steps`` healthy steps from the value it had after the last
+    backoff.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -63,7 +64,9 @@ class LrFactor:
         if recovery_steps <= 0 or self._healthy >= recovery_steps:
             self.factor = self._start = 1.0
             return
-        self.factor = self._start + (1.0 - self._start) * self._healthy / recovery_steps
+        # Geometric, as learning rates are tuned: from 0.01 the factor passes 0.1 halfway, so a
+        # deep backoff is not undone within a few steps by a linear ramp.
+        self.factor = self._start ** (1.0 - self._healthy / recovery_steps)
 
     def effective_lrs(self) -> list[float]:
         """The learning rates the next optimizer step uses, per param group."""

@@ -5,7 +5,7 @@ applies it after every rollback. The rungs, in order of escalation:
 
 1. **learning-rate backoff** — every rollback multiplies the learning rate the optimizer steps
    with by ``lr_backoff`` (factors of rollbacks inside the recovery window multiply), then warms
-   it back to the scheduler's value over ``lr_recovery_steps`` healthy steps;
+   it back to the scheduler's value over ``lr_recovery_steps`` healthy steps (geometrically);
 2. **moment reset** — ``reset_moments_after`` rollbacks inside ``window_steps`` steps clear the
    optimizer's per-parameter state (Adam's ``exp_avg``/``exp_avg_sq`` and ``step``, SGD's
    momentum), since a poisoned second moment is one way a spike recurs;
@@ -40,8 +40,8 @@ class RecoveryPolicy:
     Attributes:
         lr_backoff: factor applied to the learning rate after a rollback, in (0, 1]; 1.0 turns
             the backoff off (default 0.5).
-        lr_recovery_steps: healthy steps over which the factor warms back to 1 (linearly), an
-            int >= 0; 0 restores the full learning rate at the next healthy step (default 100).
+        lr_recovery_steps: healthy steps over which the factor warms back to 1 (geometrically:
+            halfway there, it is the square root of the backoff), an int >= 0; 0 restores the full learning rate at the next healthy step (default 100).
         reset_moments_after: rollbacks inside ``window_steps`` that clear the optimizer's moments,
             an int >= 1 (default 2: the second rollback in a window resets them).
         max_rollbacks: rollbacks allowed inside ``window_steps``; one more raises
