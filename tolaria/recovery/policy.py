@@ -41,7 +41,8 @@ class RecoveryPolicy:
         lr_backoff: factor applied to the learning rate after a rollback, in (0, 1]; 1.0 turns
             the backoff off (default 0.5).
         lr_recovery_steps: healthy steps over which the factor warms back to 1 (geometrically:
-            halfway there, it is the square root of the backoff), an int >= 0; 0 restores the full learning rate at the next healthy step (default 100).
+            halfway there, it is the square root of the backoff), an int >= 0; 0 restores the
+            full learning rate at the next healthy step (default 100).
         reset_moments_after: rollbacks inside ``window_steps`` that clear the optimizer's moments,
             an int >= 1 (default 2: the second rollback in a window resets them).
         max_rollbacks: rollbacks allowed inside ``window_steps``; one more raises
