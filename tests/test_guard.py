@@ -11,6 +11,8 @@ from torch import nn
 from tolaria import telemetry
 from tolaria.governor import TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
+from tolaria.hooks import TrainerHook
+from tolaria.optim import unwrap_optimizer
 from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
 
 
@@ -73,7 +75,7 @@ def test_healthy_step_steps_the_optimizer_and_reports_loss_and_grad_norm() -> No
 
 def test_blocking_steps_take_the_grad_norm_from_the_health_check(monkeypatch: pytest.MonkeyPatch) -> None:
     rig = Rig()
-    monkeypatch.setattr(rig.guard, "_grad_norm", lambda: pytest.fail("a second pass over the gradients"))
+    monkeypatch.setattr(rig.guard.hook, "_grad_norm", lambda: pytest.fail("a second pass over the gradients"))
     outcome = rig.step()
     grads = [p.grad for p in rig.model.parameters()]
     expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -232,3 +234,161 @@ def test_rejects_a_non_bool_deferred() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="deferred"):
         GuardedStep(TolariaGovernor(model, optimizer=optimizer), optimizer, deferred=1)  # type: ignore[arg-type]
+
+
+# -- TrainerHook: the same judging for loops that call backward and step themselves --------------
+
+
+def hooked_rig(**hook_options) -> tuple[Rig, TrainerHook]:
+    rig = Rig()
+    return rig, TrainerHook(rig.governor, rig.optimizer, track_grad_norm=True, **hook_options)
+
+
+def test_hook_judges_after_backward_and_snapshots_on_schedule() -> None:
+    rig, hook = hooked_rig(snapshot_every=2)
+    outcomes = []
+    for _ in range(4):
+        rig.optimizer.zero_grad()
+        loss = nn.functional.mse_loss(rig.model(rig.inputs), rig.targets)
+        loss.backward()
+        outcomes.append(hook.after_backward(loss))
+        rig.optimizer.step()
+    assert all(o.healthy and o.stepped and not o.accumulating for o in outcomes)
+    assert [o.step for o in outcomes if o.snapshot is not None] == [1, 3]
+    assert outcomes[-1].grad_norm == rig.governor.last_grad_norm and outcomes[-1].grad_norm > 0
+
+
+def test_hook_accumulation_judges_every_loss_per_example_and_the_gradients_once() -> None:
+    rig, hook = hooked_rig(loss_scale=2.0)
+    checked = []
+    original = rig.governor.check_health
+    rig.governor.check_health = lambda: checked.append(1) or original()  # type: ignore[method-assign]
+    per_example = []
+    for micro_batch in range(2):
+        loss = nn.functional.mse_loss(rig.model(rig.inputs[micro_batch::2]), rig.targets[micro_batch::2])
+        per_example.append(float(loss.detach()))
+        (loss / 2).backward()  # the trainer divides by the accumulation count
+        outcome = hook.after_backward(loss / 2, last_micro_batch=micro_batch == 1)
+        assert outcome.accumulating == (micro_batch == 0) and outcome.stepped == (micro_batch == 1)
+    assert list(rig.governor.loss_history) == pytest.approx(per_example)
+    assert len(checked) == 1
+
+
+def test_hook_rollback_clears_the_gradients_so_the_trainers_step_changes_nothing() -> None:
+    rig, hook = hooked_rig()
+    lkg = rig.weights()
+    loss = nn.functional.mse_loss(rig.model(rig.inputs), rig.targets) * math.nan
+    loss.backward()
+    outcome = hook.after_backward(loss)
+    assert outcome.rolled_back and outcome.panic_reason == "governor_nan" and not outcome.stepped
+    rig.optimizer.step()  # the trainer steps anyway
+    assert same(lkg, rig.weights())
+
+
+def test_hook_without_a_loss_still_judges_weights_and_gradients() -> None:
+    rig, hook = hooked_rig()
+    loss = nn.functional.mse_loss(rig.model(rig.inputs), rig.targets)
+    loss.register_hook(lambda grad: grad * math.inf)
+    loss.backward()
+    outcome = hook.after_backward(None)
+    assert outcome.panic_reason == "governor_nonfinite_grads" and math.isnan(outcome.loss)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"loss_scale": 0}, ValueError, "loss_scale"),
+        ({"loss_scale": math.inf}, ValueError, "loss_scale"),
+        ({"snapshot_every": 0}, ValueError, "snapshot_every"),
+        ({"scaler_overflow_limit": 0}, ValueError, "scaler_overflow_limit"),
+        ({"scaler": object()}, TypeError, "scaler"),
+    ],
+)
+def test_hook_rejects_bad_options(options: dict, error: type, match: str) -> None:
+    rig = Rig()
+    with pytest.raises(error, match=match):
+        TrainerHook(rig.governor, rig.optimizer, **options)
+
+
+def test_hook_rejects_a_multi_element_loss_and_deferred_micro_batches() -> None:
+    rig, hook = hooked_rig()
+    with pytest.raises(TypeError, match="one-element"):
+        hook.after_backward(torch.ones(2))
+    deferred = TrainerHook(rig.governor, rig.optimizer, deferred=True)
+    with pytest.raises(ValueError, match="last_micro_batch"):
+        deferred.after_backward(torch.tensor(1.0), last_micro_batch=False)
+
+
+# -- wrapped optimizers: hooks and state go to the real optimizer inside ------------------------
+
+
+class NeverInitialized(torch.optim.Optimizer):
+    """Like accelerate's AcceleratedOptimizer: an Optimizer subclass whose __init__ never ran
+    (no step-hook tables), proxying the real one in ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: B027 - on purpose
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+
+class PlainWrapper:
+    """Any object whose ``.optimizer`` is an optimizer (not an Optimizer itself)."""
+
+    def __init__(self, optimizer: object) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)  # type: ignore[attr-defined]
+
+    def step(self) -> None:
+        self.optimizer.step()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [NeverInitialized, PlainWrapper, lambda o: PlainWrapper(NeverInitialized(o))],
+    ids=["subclass", "plain", "both"],
+)
+def test_wrapped_optimizers_are_unwrapped_for_hooks_state_and_matching(wrap) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    real = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    wrapped = wrap(real)
+    governor = TolariaGovernor(model, optimizer=wrapped)
+    assert governor.optimizer is real
+    assert unwrap_optimizer(wrapped) is real
+    guard = GuardedStep(governor, wrapped, snapshot_every=1)  # the wrapper matches the real one
+    GuardedStep(governor, real)  # ... and so does the real one
+    inputs = torch.randn(16, 4)
+    for _ in range(2):
+        assert guard(lambda: model(inputs).pow(2).mean()).stepped
+    outcome = guard(lambda: model(inputs).pow(2).mean() * math.nan)
+    assert outcome.rolled_back and outcome.report is not None and outcome.report.optimizer_state == "restored"
+    report = governor.execute_rollback(optimizer=wrapped)
+    assert governor.optimizer is real and report.optimizer_state == "restored"
+
+
+def test_a_wrapper_of_another_optimizer_does_not_match_and_a_non_optimizer_is_refused() -> None:
+    model = nn.Linear(2, 1)
+    known = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    governor = TolariaGovernor(model, optimizer=known)
+    with pytest.raises(ValueError, match="does not know this optimizer"):
+        GuardedStep(governor, PlainWrapper(other))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        GuardedStep(governor, PlainWrapper("sgd"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        TolariaGovernor(model, optimizer=PlainWrapper(None))  # type: ignore[arg-type]

@@ -13,11 +13,23 @@ One call is one attempt at an optimizer step, in this order:
 
 1. zero the gradients, run the closure (forward) and get the loss;
 2. ``check_vital_signs(loss)`` — a panic rolls back at once: no backward, no step;
-3. ``loss.backward()``, then ``check_health()`` (weights and gradients) — a panic rolls back, no step;
+3. backward (``loss.backward()``, or the ``backward`` given, e.g. ``accelerator.backward``), then
+   ``check_health()`` (weights and gradients) — a panic rolls back, no step;
 4. when due, ``snapshot()`` — after ``snapshot_every`` healthy steps since the last snapshot or
    rollback, and never while an anomaly streak of the loss or the gradient norm is building
    (``governor.anomaly_streak > 0``);
 5. ``optimizer.step()``.
+
+Steps 2 to 4 are :class:`tolaria.hooks.TrainerHook`'s, the one implementation of judging a step;
+this class adds what a loop of its own does around them.
+
+With ``scaler=torch.amp.GradScaler(...)`` (fp16 mixed precision) step 3 backpropagates
+``scaler.scale(loss)`` and calls ``scaler.unscale_(optimizer)`` before the check, so gradients
+are judged in true units; an overflow that the scaler skips is a skipped step
+(``StepOutcome.scaler_skipped``), not a panic, unless ``scaler_overflow_limit`` come in a row
+(``governor_scaler_overflow``); step 5 is ``scaler.step(optimizer)`` then ``scaler.update()``,
+and a rollback after the unscale still calls ``scaler.update()``, so the scaler is ready for the
+next step. Autocast (fp16 or bf16) belongs in the closure, around the forward.
 
 With ``deferred=True`` steps 2 and 3 become one ``governor.observe(loss)`` after backward: the
 checks are enqueued with no host sync, and a step's verdict is judged up to
@@ -40,69 +52,14 @@ when ``outcome.rolled_back`` is true. Only the Governor's public API is used her
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
-from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What one :class:`GuardedStep` call did.
-
-    Attributes:
-        step: index of the call (0-based); rolled-back attempts count too.
-        loss: the closure's loss as a float, exactly as seen (NaN/Inf included); NaN in deferred
-            mode for a CUDA loss unless ``synchronize`` is on (no host read there).
-        grad_norm: global L2 norm of the model's gradients after backward, when ``track_grad_norm`` is on
-            and backward ran; None otherwise.
-        panic_reason: the Governor's panic reason (``governor_nan``, ``governor_lobotomy``, ...),
-            None for a healthy step.
-        panic_step: the step whose checks found the fault: ``step`` itself in blocking mode, an
-            earlier step when a deferred verdict arrived late; None for a healthy step.
-        report: the rollback's :class:`GovernorReport`, None when there was no rollback.
-        snapshot: the snapshot taken during this step, None when none was due.
-        stepped: whether ``optimizer.step()`` ran.
-        anomaly_streak: ``governor.anomaly_streak`` after the checks: > 0 while a loss divergence
-            or a gradient-norm explosion streak is building (such steps still step the optimizer
-            but never snapshot).
-        check_seconds, snapshot_seconds, rollback_seconds: host time inside the Governor's
-            checks, ``snapshot()`` and ``execute_rollback()``.
-        step_seconds: host time of the whole call (forward, backward, step and Governor).
-    """
-
-    step: int
-    loss: float
-    grad_norm: float | None
-    panic_reason: str | None
-    report: GovernorReport | None
-    snapshot: SnapshotInfo | None
-    stepped: bool
-    anomaly_streak: int
-    check_seconds: float
-    snapshot_seconds: float
-    rollback_seconds: float
-    step_seconds: float
-    panic_step: int | None = None
-
-    @property
-    def rolled_back(self) -> bool:
-        """True when this step ended in a rollback to the Last Known Good."""
-        return self.report is not None
-
-    @property
-    def healthy(self) -> bool:
-        """True when no check panicked."""
-        return self.panic_reason is None
-
-    @property
-    def governor_seconds(self) -> float:
-        """All host time spent inside Governor calls during this step."""
-        return self.check_seconds + self.snapshot_seconds + self.rollback_seconds
+from tolaria.governor import TolariaGovernor
+from tolaria.hooks import DEFAULT_SCALER_OVERFLOW_LIMIT, StepOutcome, TrainerHook
+from tolaria.optim import unwrap_optimizer
 
 
 class GuardedStep:
@@ -111,7 +68,9 @@ class GuardedStep:
     Args:
         governor: watches the model; it must know ``optimizer`` (``TolariaGovernor(model,
             optimizer=optimizer)``) so the optimizer's state is captured and restored with it.
-        optimizer: the optimizer that trains the governed model.
+        optimizer: the optimizer that trains the governed model, or a trainer's wrapper of it
+            (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``: compared by
+            the optimizer they wrap).
         snapshot_every: healthy steps between snapshots (>= 1). The Governor's constructor took
             the first one.
         track_grad_norm: report the global L2 norm of the governed model's gradients in
@@ -126,11 +85,19 @@ class GuardedStep:
             checks (see the module docstring). Default False, also on CUDA, for now: the
             blocking outcome (a loss float, a panic at the step it happens) is what existing
             callers read, and the gain is yet to be measured on a GPU.
+        backward: called with the loss (scaled, with a scaler) instead of ``loss.backward()``,
+            e.g. ``accelerator.backward``.
+        scaler: a ``torch.amp.GradScaler`` that this step owns: it scales, unscales, steps and
+            updates (see the module docstring). None, or a disabled scaler: no scaling.
+        scaler_overflow_limit: overflows in a row that become a ``governor_scaler_overflow`` panic.
 
     Raises:
-        TypeError: ``governor``, ``optimizer`` or ``deferred`` has the wrong type.
-        ValueError: ``snapshot_every < 1``, or the governor does not know ``optimizer``.
-        NotImplementedError: ``deferred=True`` with a governor that has a process group.
+        TypeError: ``governor``, ``optimizer``, ``scaler``, ``backward`` or ``deferred`` has the
+            wrong type.
+        ValueError: ``snapshot_every < 1``, ``scaler_overflow_limit < 1``, or the governor does
+            not know ``optimizer``.
+        NotImplementedError: ``deferred=True`` with a governor that has a process group, or with
+            a scaler.
     """
 
     def __init__(
@@ -143,50 +110,40 @@ class GuardedStep:
         synchronize: bool = False,
         env_id: int = 0,
         deferred: bool = False,
+        backward: Callable[[torch.Tensor], object] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        scaler_overflow_limit: int = DEFAULT_SCALER_OVERFLOW_LIMIT,
     ) -> None:
         if not isinstance(governor, TolariaGovernor):
             raise TypeError(f"governor must be a TolariaGovernor, got {type(governor).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
-        if governor.optimizer is not optimizer:
-            # Restoring weights with stale (or cleared) momenta makes the next updates wrong.
-            raise ValueError(
-                "the governor does not know this optimizer; build it with "
-                "TolariaGovernor(model, optimizer=optimizer) so the optimizer's state is captured "
-                "and restored together with the model"
+        if unwrap_optimizer(optimizer) is None:
+            raise TypeError("optimizer must be a torch.optim.Optimizer, got None")
+        if backward is not None and not callable(backward):
+            raise TypeError(
+                f"backward must be a callable taking the loss, or None, got {type(backward).__name__}"
             )
-        if not isinstance(deferred, bool):
-            raise TypeError(f"deferred must be True or False, got {type(deferred).__name__}")
-        if deferred and governor.distributed:
-            raise NotImplementedError(
-                "GuardedStep(deferred=True) is not supported with a process group yet; "
-                "use deferred=False, whose checks every rank agrees on"
-            )
+        self.hook = TrainerHook(
+            governor, optimizer, snapshot_every=snapshot_every, scaler=scaler,
+            scaler_overflow_limit=scaler_overflow_limit, track_grad_norm=track_grad_norm,
+            synchronize=synchronize, env_id=env_id, deferred=deferred,
+        )  # fmt: skip
         self.governor = governor
         self.optimizer = optimizer
-        self.snapshot_every = snapshot_every
-        self.track_grad_norm = track_grad_norm
-        self.env_id = env_id
-        self.deferred = deferred
-        self.steps_taken = 0
-        self._healthy_since_snapshot = 0
-        self._sync = synchronize and any(p.is_cuda for p in governor.model.parameters())
+        self.scaler = self.hook.scaler
+        self.backward = backward
 
-    def _now(self) -> float:
-        if self._sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    @property
+    def snapshot_every(self) -> int:
+        return self.hook.snapshot_every
 
-    def _grad_norm(self) -> float | None:
-        # The governed model's gradients, the ones the health check reads: one meaning of
-        # grad_norm whichever path computes it (an optimizer may train only part of the model).
-        grads = [p.grad for p in self.governor.model.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
-        return float(torch.linalg.vector_norm(norms))
+    @property
+    def steps_taken(self) -> int:
+        """Calls made so far (rolled-back attempts count too)."""
+        return self.hook.steps_taken
+
+    @property
+    def deferred(self) -> bool:
+        return self.hook.deferred
 
     def __call__(self, closure: Callable[[], torch.Tensor]) -> StepOutcome:
         """Run one guarded step; ``closure()`` does the forward pass and returns the scalar loss.
@@ -194,93 +151,34 @@ class GuardedStep:
         Raises whatever the closure, backward or the optimizer raise, and the RuntimeError of
         ``execute_rollback`` (no Last Known Good, architecture drift).
         """
-        step = self.steps_taken
-        self.steps_taken += 1
-        start = self._now()
+        hook = self.hook
+        start = hook.now()
         self.optimizer.zero_grad(set_to_none=True)
         loss = closure()
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise TypeError(f"the closure must return a one-element loss tensor, got {shape}")
-        if self.deferred:
-            return self._deferred_step(step, loss, start)
-        # Read once here (the forward's device sync is the forward's cost, not the Governor's);
-        # the Governor accepts the float.
-        loss_value = float(loss.detach().reshape(()))
-
-        mark = self._now()
-        panicked = self.governor.check_vital_signs(loss_value)
-        check = self._now() - mark
-        if panicked:
-            return self._roll_back(step, loss_value, None, start, check)
-
-        loss.backward()
-        mark = self._now()
-        panicked = self.governor.check_health()
-        check += self._now() - mark
-        grad_norm = None
-        if self.track_grad_norm:  # the check's own norm when it read the gradients: no second pass
-            grad_norm = self.governor.last_grad_norm
-            if grad_norm is None:
-                grad_norm = self._grad_norm()
-        if panicked:
-            return self._roll_back(step, loss_value, grad_norm, start, check)
-        return self._finish(step, loss_value, grad_norm, start, check)
-
-    def _deferred_step(self, step: int, loss: torch.Tensor, start: float) -> StepOutcome:
-        # Backward runs before the loss is judged: the verdict comes later. A sick step's update
-        # is undone by the rollback that its verdict triggers.
-        free = not loss.is_cuda or self._sync  # reading the loss would not add a device sync
-        loss_value = float(loss.detach().reshape(())) if free else math.nan
-        loss.backward()
-        grad_norm = self._grad_norm() if self.track_grad_norm else None
-        mark = self._now()
-        panicked = self.governor.observe(loss, step=step)
-        check = self._now() - mark
-        if panicked:
-            return self._roll_back(step, loss_value, grad_norm, start, check)
-        return self._finish(step, loss_value, grad_norm, start, check)
-
-    def _finish(
-        self, step: int, loss: float, grad_norm: float | None, start: float, check: float
-    ) -> StepOutcome:
-        """The checks passed so far: snapshot when due, then step the optimizer."""
-        streak = self.governor.anomaly_streak
-        snapshot, snapshot_seconds = None, 0.0
-        if streak == 0:
-            self._healthy_since_snapshot += 1
-            if self._healthy_since_snapshot >= self.snapshot_every:
-                mark = self._now()
-                snapshot = self.governor.snapshot()
-                snapshot_seconds = self._now() - mark
-                self._healthy_since_snapshot = 0
-                if self.governor.pending_panic is not None:
-                    # Resolving the previous capture judged a late verdict, and it panicked.
-                    return self._roll_back(step, loss, grad_norm, start, check, snapshot_seconds, snapshot)
-        self.optimizer.step()
-        return StepOutcome(
-            step, loss, grad_norm, None, None, snapshot, True, streak,
-            check, snapshot_seconds, 0.0, self._now() - start,
-        )  # fmt: skip
-
-    def _roll_back(
-        self, step: int, loss: float, grad_norm: float | None, start: float, check: float,
-        snapshot_seconds: float = 0.0, snapshot: SnapshotInfo | None = None,
-    ) -> StepOutcome:  # fmt: skip
-        # The pending panic's reason travels in the report; read it from there, not from internals.
-        mark = self._now()
-        report = self.governor.execute_rollback(env_id=self.env_id, optimizer=self.optimizer)
-        rollback = self._now() - mark
-        # Stale (possibly Inf) gradients must not leak into a caller's own step after this.
-        self.optimizer.zero_grad(set_to_none=True)
-        # The model now IS the Last Known Good: count healthy steps from here.
-        self._healthy_since_snapshot = 0
-        reason = report.panic_reason or report.reason
-        panic_step = report.panic_step if report.panic_step is not None else step
-        return StepOutcome(
-            step, loss, grad_norm, reason, report, snapshot, False, 0, check, snapshot_seconds, rollback,
-            self._now() - start, panic_step,
-        )  # fmt: skip
+        # The loss is read here (the forward's device sync is the forward's cost, not the Governor's).
+        pending = hook.begin(loss, started=start)
+        early = pending.check_loss()  # a sick loss is rolled back before its backward runs
+        if early is not None:
+            return early
+        scaler = self.scaler
+        to_backward = scaler.scale(loss) if scaler is not None else loss
+        if self.backward is not None:
+            self.backward(to_backward)
+        else:
+            to_backward.backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        outcome = pending.after_backward()
+        if scaler is not None:
+            if not outcome.rolled_back:
+                scaler.step(self.optimizer)  # skips the optimizer step itself on an overflow
+            scaler.update()  # also after a rollback: the unscale above must be closed by an update
+        elif outcome.stepped:
+            self.optimizer.step()
+        return replace(outcome, step_seconds=hook.now() - start)
 
 
 __all__ = ["GuardedStep", "StepOutcome"]
