@@ -4,32 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench import runner, training  # noqa: E402
-from bench.common import Measurement  # noqa: E402
-from bench.legacy_governor import LegacyGovernor  # noqa: E402
+from tolaria.bench import arguments, outputs, runner
+from tolaria.bench.common import Measurement
+from tolaria.bench.legacy_governor import LegacyGovernor
 
 
 def _rows() -> list[Measurement]:
     return [
         Measurement("training-step/x", "unguarded", "cpu", 0.010, 0.009, 0.011, 3),
         Measurement("training-step/x", "legacy", "cpu", 0.020, 0.019, 0.021, 3),
-        Measurement("training-step/x", "tolaria", "cpu", 0.0101, 0.0100, 0.0102, 3),
+        Measurement("training-step/x", "guarded-deferred", "cpu", 0.0112, 0.0111, 0.0113, 3),
         Measurement("snapshot/x", "pageable-clone", "cpu", 0.100, 0.09, 0.11, 5, bytes=1000),
         Measurement("snapshot/x", "native", "cpu", 0.010, 0.009, 0.011, 5, bytes=1000),
         Measurement("health/x", "isfinite-loop", "cpu", 0.050, 0.04, 0.06, 5, bytes=1000),
         Measurement("health/x", "tolaria", "cpu", 0.005, 0.004, 0.006, 5, bytes=1000),
     ]
+
+
+def _append(rows: list[Measurement], path: Path, stamp: str, sha: str) -> None:
+    outputs.append_csv(rows, path, stamp=stamp, sha=sha, baseline_of=runner.baseline_of)
+
+
+def _args(out: Path, csv_path: Path | None = None) -> runner.argparse.Namespace:
+    return runner.argparse.Namespace(device="cpu", quick=True, out=out, csv=csv_path, no_csv=False)
 
 
 def test_each_scenario_family_has_its_old_way_as_baseline() -> None:
@@ -38,12 +41,13 @@ def test_each_scenario_family_has_its_old_way_as_baseline() -> None:
     assert runner.baseline_of("health/many-small") == "isfinite-loop"
     assert runner.baseline_of("rollback/x") == "legacy-load-state-dict"
     assert runner.baseline_of("training-step/x") == "unguarded"
+    assert runner.baseline_of("guard-host/x") == ""  # absolute host times: no old way to divide by
 
 
 def test_csv_appends_one_row_per_measurement_with_ratios(tmp_path: Path) -> None:
     path = tmp_path / "results.csv"
-    runner.append_csv(_rows(), path, stamp="t0", sha="abc")
-    runner.append_csv(_rows()[:2], path, stamp="t1", sha="abc")
+    _append(_rows(), path, "t0", "abc")
+    _append(_rows()[:2], path, "t1", "abc")
     with path.open() as handle:
         lines = list(csv.DictReader(handle))
     assert len(lines) == len(_rows()) + 2  # one header only
@@ -56,20 +60,54 @@ def test_csv_appends_one_row_per_measurement_with_ratios(tmp_path: Path) -> None
 def test_run_command_writes_json_png_csv_and_prints_ratios_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    csv_path = tmp_path / "results.csv"
-    monkeypatch.setattr(runner, "RESULTS_CSV", csv_path)
+    csv_path = tmp_path / "elsewhere" / "results.csv"
     monkeypatch.setattr(runner, "run_all", lambda device, quick, advance, save: (_rows(), []))
-    args = runner.argparse.Namespace(device="cpu", quick=True, out=tmp_path / "out", no_csv=False)
-    assert runner.run_command(args) == 0
+    assert runner.run_command(_args(tmp_path / "out", csv_path)) == 0
     out = capsys.readouterr().out
-    assert out.index("## Ratios") < out.index("## Measurements")
-    assert "tolaria adds +1.0% to the step time" in out
-    assert "legacy adds +100.0% to the step time" in out
+    assert out.index("## Ratios") < out.index("## Goals of #18") < out.index("## Measurements")
+    assert "training-step/x: GuardedStep (deferred) adds +12.0 % to the step" in out
+    assert "training-step/x: the original Governor's approach adds +100.0 % to the step" in out
+    assert "[not measured] governor.snapshot(), 5,000 small tensors, CPU" in out
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert len(data["rows"]) == len(_rows()) and data["quick"] is True
+    assert len(data["rows"]) == len(_rows()) and data["quick"] is True and data["device_type"] == "cpu"
     assert data["complete"] is True and data["errors"] == []
+    assert len(data["verdicts"]) == len(runner.goals.GOALS)
+    counted = {c["variant"] for c in data["accounting"]}
+    assert {"clip_grad_norm_", "tolaria-check", "clip_grad_norm_ + tolaria-check"} <= counted
     assert (tmp_path / "out" / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert csv_path.exists()
+    with csv_path.open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(_rows())
+
+
+def test_without_csv_only_the_out_folder_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "run_all", lambda device, quick, advance, save: (_rows(), []))
+    assert runner.run_command(_args(Path("out"))) == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "out", "out/bench.json", "out/overhead.png",
+    ]  # fmt: skip
+    assert "rows appended" not in capsys.readouterr().err
+
+
+def test_csv_rows_are_appended_as_each_group_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    csv_path = tmp_path / "results.csv"
+    seen: list[int] = []
+
+    def first(device: str, quick: bool) -> list[Measurement]:
+        return _rows()[:3]
+
+    def second(device: str, quick: bool) -> list[Measurement]:
+        with csv_path.open() as handle:  # the first group's rows are on disk already
+            seen.append(len(list(csv.DictReader(handle))))
+        return _rows()[3:]
+
+    monkeypatch.setattr(runner, "GROUPS", (("one", first), ("two", second)))
+    assert runner.run_command(_args(tmp_path / "out", csv_path)) == 0
+    with csv_path.open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(_rows())
+    assert seen == [3]
 
 
 def test_a_failing_group_keeps_the_others_and_each_group_is_saved_as_it_ends(
@@ -91,8 +129,7 @@ def test_a_failing_group_keeps_the_others_and_each_group_is_saved_as_it_ends(
 
     groups = (("training loop", training_rows), ("snapshot and restore", broken), ("health", health_rows))
     monkeypatch.setattr(runner, "GROUPS", groups)
-    args = runner.argparse.Namespace(device="cpu", quick=True, out=out, no_csv=True)
-    assert runner.run_command(args) == 1
+    assert runner.run_command(_args(out)) == 1
     assert saved == [3]
     data = json.loads((out / "bench.json").read_text())
     assert data["complete"] is True and len(data["rows"]) == 5
@@ -118,25 +155,18 @@ def test_legacy_governor_snapshots_checks_and_rolls_back() -> None:
     assert [legacy.check_vital_signs(100.0) for _ in range(3)] == [False, False, True]
 
 
-def test_training_scenario_measures_three_loops_on_one_model_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = training.TransformerConfig(vocab_size=64, context_length=8, d_model=16, n_layers=1, n_heads=2)
-    monkeypatch.setattr(training, "setup_for", lambda d, q: training.TrainingSetup(config, 2, 8, "micro"))
-    rows = training.training_rows("cpu", quick=True)
-    assert [r.variant for r in rows] == ["unguarded", "legacy", "tolaria"]
-    assert all(r.scenario == "training-step/micro" and r.median_s > 0 and r.reps == 3 for r in rows)
-    lines = training.summary(rows)
-    assert any(line.startswith("training-step/micro: tolaria adds") for line in lines)
+def test_tolaria_bench_cli_is_wired(capsys: pytest.CaptureFixture[str]) -> None:
+    from tolaria.cli import main as tolaria_main
 
-
-def test_tolaria_bench_cli_is_wired() -> None:
-    command = [sys.executable, "-m", "tolaria", "bench"]
-    done = subprocess.run([*command, "--help"], capture_output=True, text=True)
-    assert done.returncode == 0
-    assert "--quick" in done.stdout and "--device" in done.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        tolaria_main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(option in shown for option in ("--quick", "--device", "--out", "--csv", "--no-csv"))
     if not torch.cuda.is_available():
-        bad = subprocess.run([sys.executable, "-m", "tolaria", "bench", "--device", "cuda"],
-                             capture_output=True, text=True)  # fmt: skip
-        assert bad.returncode == 2 and "CUDA is not available" in bad.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            tolaria_main(["bench", "--device", "cuda"])
+        assert exit_info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
 
 
 def test_gpu_results_are_filed_under_a_dated_gpu_folder_once(tmp_path: Path) -> None:
@@ -150,9 +180,9 @@ def test_gpu_results_are_filed_under_a_dated_gpu_folder_once(tmp_path: Path) -> 
     (out / "summary.txt").write_text("build: rc=0 in 40s\n")
     (out / "demo" / "telemetry.jsonl").write_text("{}\n")
     (out / "huge.bin").write_bytes(b"x" * 2048)
-    runner.append_csv(_rows()[:2], out / "results.csv", stamp=stamp, sha="abc")
+    _append(_rows()[:2], out / "results.csv", stamp, "abc")
     results = tmp_path / "results"
-    runner.append_csv(_rows()[:1], results / "results.csv", stamp="earlier", sha="old")
+    _append(_rows()[:1], results / "results.csv", "earlier", "old")
 
     folder = collect.collect(out, results, max_bytes=1024)
     assert folder == results / "2026-11-27-h100-quick"
@@ -186,41 +216,45 @@ def test_collecting_something_else_is_refused(tmp_path: Path) -> None:
 
 def test_the_bench_owns_its_options_and_the_cli_takes_them_from_it() -> None:
     import tolaria.cli as cli
-    from bench import arguments
 
     assert not hasattr(cli, "add_bench_arguments")
-    args = cli.build_parser().parse_args(["bench", "--quick", "--no-csv", "--out", "x"])
-    assert (args.device, args.quick, args.no_csv, args.out) == (None, True, True, Path("x"))
+    args = cli.build_parser().parse_args(["bench", "--quick", "--csv", "r.csv", "--out", "x"])
+    assert (args.device, args.quick, args.csv, args.out) == (None, True, Path("r.csv"), Path("x"))
     own = runner.argparse.ArgumentParser()
     arguments.add_bench_arguments(own)
     assert vars(own.parse_args([])) == {
         "device": None,
         "quick": False,
-        "out": Path("bench/out"),
+        "out": Path("tolaria-bench-out"),
+        "csv": None,
         "no_csv": False,
     }
+    assert own.parse_args(["--no-csv"]).csv is None  # kept for old scripts; it changes nothing
 
 
-def test_without_a_checkout_bench_says_why_whatever_its_options(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import tolaria.cli as cli
+def test_csv_and_no_csv_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from tolaria.cli import main as tolaria_main
 
-    monkeypatch.setattr(cli, "_bench_source_root", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "--quick", "--out", "somewhere"])
+        tolaria_main(["bench", "--csv", "r.csv", "--no-csv"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "runs from a source checkout" in err and "unrecognized" not in err
-    with pytest.raises(SystemExit) as exit_info:  # other commands still refuse unknown options
-        cli.main(["doctor", "--quick"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_other_commands_still_refuse_unknown_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from tolaria.cli import main as tolaria_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        tolaria_main(["doctor", "--quick"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --quick" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--out", "--csv"])
 @pytest.mark.parametrize("where", ["a file", "under a file", "in /proc"])
-@pytest.mark.parametrize("front_door", ["tolaria bench", "python -m bench.runner"])
-def test_an_unusable_out_folder_is_a_usage_error_before_measuring(
+@pytest.mark.parametrize("front_door", ["tolaria bench", "python -m tolaria.bench", "python -m bench.runner"])
+def test_an_unusable_out_folder_or_csv_file_is_a_usage_error_before_measuring(
+    option: str,
     where: str,
     front_door: str,
     tmp_path: Path,
@@ -231,11 +265,19 @@ def test_an_unusable_out_folder_is_a_usage_error_before_measuring(
 
     file = tmp_path / "bench.txt"
     file.write_text("not a folder")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
     out, reason = {
-        "a file": (file, "it exists and is not a folder"),
-        "under a file": (file / "out", "cannot create the folder"),
-        "in /proc": (Path("/proc/forbidden"), "cannot create the folder"),
-    }[where]
+        ("--out", "a file"): (file, "it exists and is not a folder"),
+        ("--out", "under a file"): (file / "out", "cannot create the folder"),
+        ("--out", "in /proc"): (Path("/proc/forbidden"), "cannot create the folder"),
+        ("--csv", "a file"): (folder, "it is a folder, not a file"),  # the csv counterpart
+        ("--csv", "under a file"): (file / "rows.csv", f"its folder {file}: it exists and is not a folder"),
+        ("--csv", "in /proc"): (
+            Path("/proc/forbidden/rows.csv"),
+            "its folder /proc/forbidden: cannot create",
+        ),
+    }[(option, where)]
     if where == "in /proc" and not Path("/proc/self").exists():
         pytest.skip("no /proc here")
 
@@ -243,22 +285,22 @@ def test_an_unusable_out_folder_is_a_usage_error_before_measuring(
         raise AssertionError("the bench started")
 
     monkeypatch.setattr(runner, "run_command", never)
-    argv = ["--device", "cpu", "--out", str(out)]
+    argv = ["--device", "cpu", option, str(out)]
+    if option == "--csv":
+        argv += ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
         if front_door == "tolaria bench":
             tolaria_main(["bench", *argv])
         else:
-            runner.main(argv)
+            runner.main(argv, prog=front_door)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"usage: {front_door}" in err and f"--out {out}: {reason}" in err
+    assert f"usage: {front_door}" in err and f"{option} {out}: {reason}" in err
     assert "Traceback" not in err
     assert file.read_text() == "not a folder"
 
 
 def test_an_unwritable_out_folder_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bench import arguments
-
     def refuse(*args: object, **kwargs: object) -> None:  # root may write anywhere
         raise PermissionError(13, "Permission denied")
 

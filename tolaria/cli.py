@@ -192,66 +192,38 @@ def _add_demo(commands: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------- bench
-#: Why ``tolaria bench`` cannot run outside a source checkout.
-NO_BENCH_CHECKOUT = (
-    "tolaria bench runs from a source checkout (its baselines live in bench/ beside the package): "
-    "clone the repository and `pip install -e .` it"
-)
-
-
-def _bench_source_root() -> Path | None:
-    """The checkout holding ``bench/`` beside the package (an editable install), or None."""
-    root = Path(__file__).resolve().parents[1]
-    return root if (root / "bench" / "arguments.py").is_file() else None
-
-
-def _import_bench_from(root: Path) -> None:
-    """Make the checkout's ``bench`` package importable."""
-    import sys
-
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-
 def _run_bench(args: argparse.Namespace) -> int:
-    root = _bench_source_root()
-    if root is None:
-        raise UsageError(NO_BENCH_CHECKOUT)
     import torch
+
+    from tolaria.bench.arguments import csv_file_problem, output_folder_problem
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
-    _import_bench_from(root)
-    from bench.arguments import output_folder_problem
-
+    # Before anything is measured: a bad --out or --csv must not cost a whole run.
     if (problem := output_folder_problem(args.out)) is not None:
         raise UsageError(f"--out {args.out}: {problem}")
-    from bench.runner import run_command
+    if args.csv is not None and (problem := csv_file_problem(args.csv)) is not None:
+        raise UsageError(f"--csv {args.csv}: {problem}")
+    from tolaria.bench.runner import run_command
 
     return run_command(args)
 
 
 def _add_bench(commands: Any) -> None:
+    # The bench owns its options (``python -m tolaria.bench`` takes the same); that module
+    # imports only the standard library, and never this one.
+    from tolaria.bench.arguments import add_bench_arguments
+
     bench = commands.add_parser(
         "bench",
         help="measure tolaria's overhead next to the old Governor's approach and the physical limit",
-        description="Run every benchmark scenario in one process: training-loop overhead (unguarded, "
-        "the original Governor's approach, tolaria), rollback, snapshot/restore and health checks.",
+        description="Run every benchmark scenario in one process: the guarded training step (unguarded, "
+        "the original Governor's approach, GuardedStep blocking and deferred), rollback, snapshot/restore "
+        "and health checks, each through the public API and store by store; then judge the goals of #18. "
+        "Writes --out (default ./tolaria-bench-out) and, only when given, --csv PATH.",
     )
-    bench.set_defaults(handler=_run_bench, subparser=bench)
-    root = _bench_source_root()
-    if root is None:
-        # No bench here to own the options: take whatever is given, and the handler says why
-        # the bench cannot run (rather than argparse calling its options unrecognized).
-        bench.set_defaults(accepts_extra_arguments=True)
-        bench.epilog = NO_BENCH_CHECKOUT
-        return
-    # The bench owns its options (``python -m bench.runner`` takes the same); it imports only the
-    # standard library, and never this module.
-    _import_bench_from(root)
-    from bench.arguments import add_bench_arguments
-
     add_bench_arguments(bench)
+    bench.set_defaults(handler=_run_bench, subparser=bench)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -267,9 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_extra_arguments", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args() says
+    args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -40,7 +40,7 @@ class LegacyGovernor:
 
     def snapshot(self) -> None:
         """Clone every state-dict entry to pageable host memory (the original's method)."""
-        self.last_good_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        self.last_good_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def parameters_finite(self) -> bool:
         """One reduction and one host synchronisation per parameter."""

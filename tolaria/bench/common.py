@@ -41,6 +41,23 @@ class Measurement:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ByteCount:
+    """Bytes one step reads, computed from tensor sizes (``numel * element_size``), not timed.
+
+    ``scenario``/``variant`` name it like a :class:`Measurement`; ``basis`` says what was
+    counted (e.g. "every gradient once"), so a reader never takes it for a measurement.
+    """
+
+    scenario: str
+    variant: str
+    bytes: int
+    basis: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
 def percentile(samples: Sequence[float], fraction: float) -> float:
     """Linear-interpolated percentile of ``samples`` (``fraction`` in [0, 1])."""
     ordered = sorted(samples)
@@ -177,7 +194,7 @@ def markdown_table(rows: Sequence[Measurement], *, baselines: dict[str, str] | N
 
 
 def module_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The options every ``python -m bench.<scenario>`` shares: ``--device`` and ``--quick``."""
+    """The options every ``python -m tolaria.bench.<scenario>`` shares: ``--device`` and ``--quick``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -185,12 +202,20 @@ def module_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def print_report(
-    title: str, rows: Sequence[Measurement], lines: Sequence[str], baseline_of: Callable[[str], str]
+    title: str,
+    rows: Sequence[Measurement],
+    lines: Sequence[str],
+    baseline_of: Callable[[str], str],
+    sections: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> None:
-    """Ratios first, then the table of absolute times (each row's speed-up against its baseline)."""
+    """Ratios first, then each extra ``(heading, lines)`` section, then the table of absolute
+    times (each row's speed-up against its baseline)."""
     print(f"# {title}\n")
     print("## Ratios\n")
     print("\n".join(f"- {line}" for line in lines))
+    for heading, section in sections:
+        print(f"\n## {heading}\n")
+        print("\n".join(f"- {line}" for line in section))
     print("\n## Measurements\n")
     print(markdown_table(rows, baselines={row.scenario: baseline_of(row.scenario) for row in rows}))
 

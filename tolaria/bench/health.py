@@ -1,6 +1,6 @@
 """Health-check benchmark: tolaria against the per-tensor isfinite loop and ``_foreach_norm``.
 
-Scenarios (fp32 tensors, the same tensors for every variant of a scenario):
+Scenarios (fp32 parameters of one ``nn.ParameterDict``, the same tensors for every variant):
 
 - ``gpt2-small``: the 148 parameter shapes of GPT-2 small (124M parameters, ~0.5 GB);
 - ``many-small``: 500 tensors of 256 to 65536 elements (log-uniform, fixed seed);
@@ -9,60 +9,46 @@ Scenarios (fp32 tensors, the same tensors for every variant of a scenario):
 Variants: ``isfinite-loop`` (``torch.isfinite(p).all()`` per tensor, one host read at the end:
 the strongest form of the old loop), ``foreach-norm`` (``torch._foreach_norm`` and one read),
 ``tolaria`` (``check_tensors`` with backend "auto": the reference on CPU, Triton on CUDA,
-blocking: launch, wait, report), ``read-limit`` (one ``torch.sum`` over a tensor of the same
-total bytes: the bandwidth ceiling of the same run), and on CUDA ``tolaria-async`` (device time
-of back-to-back non-blocking checks, the host running ahead exactly as it does for
-``read-limit``: the like-for-like bandwidth figure), ``tolaria-host`` and ``tolaria-host-eager``
-(host time per non-blocking check with cached tables, with and without the CUDA graph).
+blocking: launch, wait, report), ``governor-check-health`` (the public path:
+``TolariaGovernor(module).check_health()``, which walks ``named_parameters()``, checks and judges
+the report; no gradients here, so the parameters only), ``read-limit`` (one ``torch.sum`` over a
+tensor of the same total bytes: the bandwidth ceiling of the same run), and on CUDA
+``tolaria-async`` (device time of back-to-back non-blocking checks, the host running ahead
+exactly as it does for ``read-limit``: the like-for-like bandwidth figure), ``tolaria-host`` and
+``tolaria-host-eager`` (host time per non-blocking check with cached tables, with and without
+the CUDA graph).
 
-Run ``python -m bench.health [--device cpu|cuda] [--quick]``. Without a GPU,
-``python -m bench.health --host-dispatch`` times the Python side of a non-blocking Triton check
-(see :func:`host_dispatch`).
+Run ``python -m tolaria.bench.health [--device cpu|cuda] [--quick]``. Without a GPU,
+``python -m tolaria.bench.health --host-dispatch`` times the Python side of a non-blocking
+Triton check (see :func:`host_dispatch`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
-from bench.common import (
+from tolaria import TolariaGovernor
+from tolaria.bench import wording
+from tolaria.bench.common import (
     Measurement,
     all_finished,
     device_label,
     measure,
     module_parser,
     print_report,
-    ratio,
     release_cached_memory,
 )
+from tolaria.bench.workloads import gpt2_small_shapes, many_small_shapes, parameter_module
 from tolaria.health import check_tensors
 
 BASELINE = "isfinite-loop"
-
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """The parameter shapes of GPT-2 small (vocab 50257, context 1024, 12 layers of width 768)."""
-    shapes: list[tuple[int, ...]] = [(50257, 768), (1024, 768)]
-    for _ in range(12):
-        shapes += [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,)]
-        shapes += [(768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]
-    return shapes + [(768,), (768,)]
-
-
-def many_small_shapes(count: int = 500, seed: int = 0) -> list[tuple[int, ...]]:
-    generator = torch.Generator().manual_seed(seed)
-    exponents = torch.empty(count).uniform_(8.0, 16.0, generator=generator)
-    return [(int(2.0**e),) for e in exponents.tolist()]
-
-
-def _make(shapes: list[tuple[int, ...]], device: str) -> list[tuple[str, torch.Tensor]]:
-    generator = torch.Generator(device=device).manual_seed(0)
-    return [
-        (f"p{i}", torch.randn(shape, generator=generator, device=device)) for i, shape in enumerate(shapes)
-    ]
+LIMIT_NAME = "one torch.sum over the same bytes"
 
 
 def _isfinite_loop(tensors: list[torch.Tensor]) -> bool:
@@ -90,17 +76,24 @@ def _graphs(enabled: bool) -> Iterator[None]:
             os.environ["TOLARIA_HEALTH_CUDA_GRAPH"] = previous
 
 
-def _scenario(
-    name: str, pairs: list[tuple[str, torch.Tensor]], device: str, quick: bool
-) -> list[Measurement]:
+def scenario_rows(name: str, module: nn.Module, device: str, quick: bool) -> list[Measurement]:
+    """Every variant over ``module``'s parameters (``name`` is the scenario, e.g. "health/x")."""
+    pairs = [(key, param.detach()) for key, param in module.named_parameters()]
     tensors = [t for _, t in pairs]
     nbytes = sum(t.nbytes for t in tensors)
     reps, warmup = (5, 1) if quick else (20, 3)
     on_cuda = torch.device(device).type == "cuda"
+    governor = TolariaGovernor(module)
+
+    def governor_check() -> None:
+        if governor.check_health():
+            raise RuntimeError(f"governor.check_health() panicked on the healthy tensors of {name}")
+
     variants = [
         (BASELINE, lambda: _isfinite_loop(tensors)),
         ("foreach-norm", lambda: _foreach_norm(tensors)),
         ("tolaria", lambda: check_tensors(pairs)),
+        ("governor-check-health", governor_check),
     ]
     rows = [
         measure(name, variant, fn, device=device, bytes=nbytes, warmup=warmup, reps=reps)
@@ -146,9 +139,9 @@ def run(device: str, quick: bool) -> list[Measurement]:
         scenarios.append(("large-1gib", [(4 << 20,)] * 64))
     rows: list[Measurement] = []
     for name, shapes in scenarios:
-        pairs = _make(shapes, device)
-        rows += _scenario(f"health/{name}", pairs, device, quick)
-        del pairs
+        module = parameter_module(shapes, device, scale=1.0)
+        rows += scenario_rows(f"health/{name}", module, device, quick)
+        del module
         release_cached_memory(device)
     return rows
 
@@ -158,21 +151,20 @@ def summary(rows: list[Measurement]) -> list[str]:
     by_key = {(row.scenario, row.variant): row for row in rows}
     lines = []
     for scenario in dict.fromkeys(row.scenario for row in rows):
-        tolaria = by_key.get((scenario, "tolaria"))
         base = by_key.get((scenario, BASELINE))
-        if tolaria is not None and base is not None:
-            lines.append(f"{scenario}: tolaria is {ratio(base, tolaria):.1f}× faster than the isfinite loop")
         limit = by_key.get((scenario, "read-limit"))
-        if tolaria is not None and limit is not None:
-            lines.append(
-                f"{scenario}: tolaria (blocking, report included) reaches {ratio(limit, tolaria):.0%} "
-                "of one torch.sum's bandwidth"
-            )
+        for variant, note in (("governor-check-health", "the user's call"),
+                              ("tolaria", "check_tensors, blocking, report included")):  # fmt: skip
+            row = by_key.get((scenario, variant))
+            if row is not None and base is not None:
+                lines.append(wording.speed_line(scenario, base, row, note))
+            if row is not None and limit is not None:
+                lines.append(wording.limit_line(scenario, limit, row, LIMIT_NAME))
         asynchronous = by_key.get((scenario, "tolaria-async"))
         if asynchronous is not None and limit is not None:
+            share = limit.median_s / asynchronous.median_s
             lines.append(
-                f"{scenario}: tolaria's device time reaches {ratio(limit, asynchronous):.0%} "
-                "of one torch.sum's bandwidth"
+                f"{scenario}: tolaria's device time reaches {share * 100:.0f} % of the limit ({LIMIT_NAME})"
             )
         for variant in ("tolaria-host", "tolaria-host-eager"):
             host = by_key.get((scenario, variant))
@@ -234,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         for line in host_dispatch():
             print(f"- {line}")
         return
+    logging.getLogger("tolaria").setLevel(logging.ERROR)
     rows = run(args.device, args.quick)
     title = f"health check on {device_label(args.device)} (torch {torch.__version__})"
     print_report(title, rows, summary(rows), lambda scenario: BASELINE)

@@ -1,0 +1,93 @@
+"""The bench's scenarios on tiny models: the rows they produce, and the goals they feed.
+
+No timing is asserted (see docs/architecture.md, "Testing and measuring"): only which rows
+exist, what they are named, and the byte counts, which are computed, not measured.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tolaria.bench import goals, health, host_cost, runner, snapshot, training, workloads
+
+
+@pytest.fixture(autouse=True)
+def _quiet_rollbacks() -> None:
+    # The scenarios roll back on purpose, once per repetition.
+    logging.getLogger("tolaria").setLevel(logging.ERROR)
+
+
+def _parameter_count(setup: training.TrainingSetup) -> int:
+    with torch.device("meta"):
+        return len(list(setup.model().parameters()))
+
+
+def test_the_goals_name_scenarios_the_bench_runs_with_the_tensor_counts_they_state() -> None:
+    cpu = {f"training-step/{s.name}": _parameter_count(s) for s in training.setups_for("cpu", quick=True)}
+    assert cpu == {"training-step/transformer-292-tensors": 292, "training-step/mlp-4-tensors": 4}
+    cuda_host = {f"guard-host/{s.name}": _parameter_count(s) for s in host_cost.setups()}
+    assert cuda_host == {
+        "guard-host/transformer-292-tensors": 292,
+        "guard-host/many-small-5000-tensors": 5000,
+    }
+    assert len(workloads.many_small_model("cpu").state_dict()) == 5000
+    known = {*cpu, *cuda_host, "snapshot/many-small", "snapshot/gpt2-small"}
+    assert {goal.scenario for goal in goals.GOALS} <= known
+
+
+def test_snapshot_rows_put_the_public_calls_beside_the_stores() -> None:
+    work = snapshot.workload("many-small", workloads.many_small_model("cpu", layers=3))
+    rows = snapshot.workload_rows(work, "cpu", quick=True)
+    assert [(r.scenario, r.variant) for r in rows] == [
+        *(("snapshot/many-small", v) for v in
+          ("pageable-clone", "limit", "governor-snapshot", "pinned-per-key", "reference", "native")),
+        *(("restore/many-small", v) for v in
+          ("load-state-dict", "limit", "governor-rollback", "pinned-per-key", "reference", "native")),
+    ]  # fmt: skip
+    assert all(r.bytes == work.nbytes and r.median_s > 0 for r in rows)
+    lines = snapshot.summary(rows)
+    assert any(line.startswith("snapshot/many-small: governor.snapshot() ") for line in lines)
+    assert any(line.startswith("restore/many-small: governor.execute_rollback() ") for line in lines)
+    assert sum("of the limit (one copy of the same bytes)" in line for line in lines) == 4
+    assert "cached once" not in (snapshot.__doc__ or "")
+
+
+def test_health_rows_include_the_governors_check() -> None:
+    module = workloads.parameter_module([(64,), (8, 8)], "cpu", scale=1.0)
+    rows = health.scenario_rows("health/tiny", module, "cpu", quick=True)
+    variants = [r.variant for r in rows]
+    assert variants == ["read-limit", "isfinite-loop", "foreach-norm", "tolaria", "governor-check-health"]
+    assert any("governor.check_health()" in line for line in health.summary(rows))
+
+
+def test_host_cost_rows_time_both_modes_and_the_snapshot_steps() -> None:
+    assert host_cost.run("cpu", quick=True) == []  # absolute host times: CUDA only
+    setup = host_cost.many_small_setup(layers=2)
+    rows = host_cost.setup_rows(setup, "cpu", quick=True)
+    modes = ("guarded-blocking", "guarded-deferred")
+    assert [r.variant for r in rows] == [name for mode in modes for name in (mode, f"{mode}-snapshot-steps")]
+    assert [r.reps for r in rows] == [2 * training.SNAPSHOT_EVERY, 2] * 2
+    assert all(r.scenario == "guard-host/many-small-5000-tensors" for r in rows)
+    assert runner.baseline_of(rows[0].scenario) == ""
+
+
+def test_the_byte_counts_are_computed_from_tensor_sizes() -> None:
+    setup = training.mlp_setup("mlp-4-tensors", features=784, hidden=256, classes=10)
+    weights = (784 * 256 + 256 + 256 * 10 + 10) * 4
+    counts = {c.variant: c.bytes for c in training.bytes_read(setup)}
+    assert counts == {
+        "clip_grad_norm_": weights,
+        "tolaria-check": 2 * weights,
+        "clip_grad_norm_ + tolaria-check": 3 * weights,
+    }
+    line = training.summary([], training.bytes_read(setup))[0]
+    assert "computed from tensor sizes (not measured)" in line and "clip_grad_norm_ 0.8 MB" in line
+
+
+def test_a_training_loop_refuses_an_unknown_variant() -> None:
+    setup = training.mlp_setup("x", features=4, hidden=4, classes=2, batch=2)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        training._Loop("tolaria", setup, "cpu", [])

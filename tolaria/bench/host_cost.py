@@ -1,0 +1,114 @@
+"""Host time of one guarded step's Governor calls: what the training thread pays per step (CUDA).
+
+On a GPU the checks run on the device; what the Python thread pays is the time it spends
+inside the Governor's calls, launching, bookkeeping and (blocking mode) waiting for the
+verdict. :class:`tolaria.GuardedStep` measures exactly that per step, in host seconds with no
+device sync (``StepOutcome.governor_seconds``: the checks, the snapshot when due, a rollback).
+This scenario runs guarded steps of two models and reports, over the steps:
+
+- ``guarded-deferred`` / ``guarded-blocking``: the median (p10, p90) of ``governor_seconds``
+  over every step, one in K of them taking a snapshot;
+- ``guarded-deferred-snapshot-steps`` / ``guarded-blocking-snapshot-steps``: the same over the
+  steps that took a snapshot only.
+
+Models: ``transformer-292-tensors`` (the CPU training scenario's 24-layer transformer, 292
+parameter tensors, so 584 tensors checked per step with their gradients) and
+``many-small-5000-tensors`` (2,500 ``Linear(8, 8)`` layers: 5,000 parameter tensors). Absolute
+times, so CUDA only (see docs/architecture.md, "Testing and measuring"): on CPU the checks are
+host work, and the training scenario's overhead rows measure them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tolaria import GuardedStep, StepOutcome, TolariaGovernor
+from tolaria.bench.common import Measurement, device_label, percentile, release_cached_memory, synchronize
+from tolaria.bench.training import CPU_TRANSFORMER, SNAPSHOT_EVERY, Batch, TrainingSetup, transformer_setup
+
+MODES = ("guarded-blocking", "guarded-deferred")
+
+
+def many_small_setup(
+    name: str = "many-small-5000-tensors", layers: int = 2500, batch: int = 16
+) -> TrainingSetup:
+    """2,500 ``Linear(8, 8)`` layers classifying random inputs into 8 classes."""
+
+    def batches(generator: torch.Generator) -> list[Batch]:
+        return [
+            (torch.randn(batch, 8, generator=generator), torch.randint(0, 8, (batch,), generator=generator))
+        ]
+
+    def model() -> nn.Module:  # built where the caller says (a device, or meta for sizes)
+        return nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
+
+    return TrainingSetup(name, model, batches)
+
+
+def setups() -> list[TrainingSetup]:
+    return [
+        transformer_setup("transformer-292-tensors", CPU_TRANSFORMER, batch=4, tokens=32),
+        many_small_setup(),
+    ]
+
+
+def _row(scenario: str, variant: str, device: str, samples: list[float]) -> Measurement:
+    return Measurement(scenario, variant, device_label(device), percentile(samples, 0.5),
+                       percentile(samples, 0.1), percentile(samples, 0.9), len(samples))  # fmt: skip
+
+
+def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: int, steps: int
+                   ) -> list[StepOutcome]:  # fmt: skip
+    torch.manual_seed(0)
+    model = setup.model().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    guard = GuardedStep(TolariaGovernor(model, optimizer=optimizer), optimizer,
+                        snapshot_every=SNAPSHOT_EVERY, deferred=deferred)  # fmt: skip
+    inputs, targets = (t.to(device) for t in setup.batches(torch.Generator().manual_seed(0))[0])
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(inputs).float().flatten(0, -2), targets.flatten())
+
+    outcomes = [guard(loss) for _ in range(warmup + steps)]
+    synchronize(device)
+    rolled_back = [o for o in outcomes if o.rolled_back]
+    if rolled_back:
+        raise RuntimeError(f"tolaria rolled back during the benchmark ({rolled_back[0].panic_reason})")
+    return outcomes[warmup:]
+
+
+def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measurement]:
+    """Both modes on one model: every step, then the snapshot steps alone."""
+    steps = 2 * SNAPSHOT_EVERY if quick else 5 * SNAPSHOT_EVERY
+    scenario = f"guard-host/{setup.name}"
+    rows = []
+    for mode in MODES:
+        outcomes = _guarded_steps(setup, device, mode == "guarded-deferred", SNAPSHOT_EVERY, steps)
+        rows.append(_row(scenario, mode, device, [o.governor_seconds for o in outcomes]))
+        snapshots = [o.governor_seconds for o in outcomes if o.snapshot is not None]
+        if snapshots:
+            rows.append(_row(scenario, f"{mode}-snapshot-steps", device, snapshots))
+        release_cached_memory(device)
+    return rows
+
+
+def run(device: str, quick: bool) -> list[Measurement]:
+    """Both models on CUDA; nothing on CPU (see the module docstring)."""
+    if torch.device(device).type != "cuda":
+        return []
+    return [row for setup in setups() for row in setup_rows(setup, device, quick)]
+
+
+def summary(rows: list[Measurement]) -> list[str]:
+    """Host microseconds per step inside the Governor, one line per model and mode."""
+    lines = []
+    for row in rows:
+        if row.scenario.startswith("guard-host/") and row.variant in MODES:
+            lines.append(f"{row.scenario}: {row.variant} spends {row.median_s * 1e6:.1f} µs of host time per "
+                         f"step in the Governor's calls (median; p90 {row.p90_s * 1e6:.1f} µs)")  # fmt: skip
+    return lines
+
+
+__all__ = ["MODES", "many_small_setup", "run", "setup_rows", "setups", "summary"]
