@@ -17,8 +17,15 @@ if ! "$python" -c "import torch" 2>/dev/null; then
 else
   say "keeping the installed torch $("$python" -c 'import torch; print(torch.__version__)')"
 fi
-say "installing tolaria[${extras}] and its dependencies, building its compiled extension tolaria._C (about a minute)..."
-"$python" -m pip install --quiet -e ".[${extras}]"
+# Pin the torch installed now: an extra's frameworks (lightning, transformers, accelerate) must
+# never swap it for another build (a multi-GB CUDA download here, a mismatched one on a GPU machine).
+# (2.13.0, the build installed just above, where torch cannot be asked.)
+torch_version="$("$python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo 2.13.0)"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${torch_version}" > "$constraints"
+say "installing tolaria[${extras}] and its dependencies (keeping $(cat "$constraints")), building its compiled extension tolaria._C (about a minute)..."
+"$python" -m pip install --quiet -c "$constraints" -e ".[${extras}]"
 # pyenv serves commands through shims: make the new `tolaria` console script visible at once.
 if command -v pyenv >/dev/null 2>&1; then
   pyenv rehash || true

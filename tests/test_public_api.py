@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import subprocess
+import sys
 
 import tolaria
 from tolaria import constants
@@ -38,3 +40,27 @@ def test_rollback_signature() -> None:
     assert sig.parameters["env_id"].kind is inspect.Parameter.KEYWORD_ONLY
     assert sig.parameters["env_id"].default == 0
     assert sig.parameters["optimizer"].default is None
+
+
+def test_trainer_hook_names_are_exported() -> None:
+    for name in ("TrainerHook", "PendingStep", "StepOutcome", "REASON_SCALER_OVERFLOW", "unwrap_optimizer"):
+        assert name in tolaria.__all__, name
+    assert tolaria.REASON_SCALER_OVERFLOW == "governor_scaler_overflow"
+
+
+def test_guarded_step_keeps_its_signature_and_adds_keyword_options() -> None:
+    parameters = inspect.signature(tolaria.GuardedStep).parameters
+    assert list(parameters)[:2] == ["governor", "optimizer"]
+    options = ("snapshot_every", "track_grad_norm", "deferred", "backward", "scaler", "scaler_overflow_limit")
+    for name in options:
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+def test_importing_tolaria_imports_no_training_framework() -> None:
+    frameworks = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+    script = (
+        "import sys, tolaria, tolaria.integrations\n"
+        f"loaded = [name for name in {frameworks!r} if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

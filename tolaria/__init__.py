@@ -23,8 +23,10 @@ from tolaria.environment import create_model, parse_device, validate_device
 from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.health import HealthReport, check_tensors
+from tolaria.hooks import REASON_SCALER_OVERFLOW, PendingStep, TrainerHook
 from tolaria.lifecycle import LifecycleMutationHealthSnapshot, LifecycleMutationVerdict
 from tolaria.morphogenesis.stages import LifecycleOp, SeedStage
+from tolaria.optim import unwrap_optimizer
 from tolaria.protocol import GovernorProtocol
 from tolaria.recovery import RecoveryPolicy, SkipList, TrainingAborted, load_last_good
 from tolaria.tasks import TaskSpec, available_tasks, get_task_spec
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_GOVERNOR_SENSITIVITY",
     "DEFAULT_MIN_PANICS_BEFORE_ROLLBACK",
     "MIN_GOVERNOR_HISTORY_SAMPLES",
+    "REASON_SCALER_OVERFLOW",
     "CallbackSink",
     "DistributedGovernorError",
     "ForwardingSink",
@@ -59,6 +62,7 @@ __all__ = [
     "LifecycleMutationVerdict",
     "LifecycleOp",
     "LoggingSink",
+    "PendingStep",
     "RecoveryPolicy",
     "SeedStage",
     "SkipList",
@@ -68,6 +72,7 @@ __all__ = [
     "TelemetryEvent",
     "TelemetryEventType",
     "TolariaGovernor",
+    "TrainerHook",
     "TrainingAborted",
     "WatchConfig",
     "__version__",
@@ -78,5 +83,6 @@ __all__ = [
     "get_task_spec",
     "load_last_good",
     "parse_device",
+    "unwrap_optimizer",
     "validate_device",
 ]
