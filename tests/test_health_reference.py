@@ -102,8 +102,12 @@ def test_generator_input_and_backends() -> None:
 def test_bad_input_is_rejected_clearly() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         check_tensors([("a", torch.ones(1))], backend="cuda")
-    with pytest.raises(ValueError, match="complex"):
-        check_tensors([("z", torch.ones(2, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="got a dict; pass its .items()"):
+        check_tensors({"a": torch.ones(1)})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must hold \\(name, tensor\\) pairs, got an item of type str"):
+        check_tensors([("a", torch.ones(1)), "b"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="'m' is on the meta device and holds no data: materialize"):
+        check_tensors([("m", torch.ones(1, device="meta"))])
     with pytest.raises(TypeError, match="'w' is list"):
         check_tensors([("w", [1.0])])
     for backend in ("reference", "triton"):

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Literal, overload
 
 import torch
 
+from tolaria.health.kinds import readable_all
 from tolaria.health.reference import reference_check, validate_tensors
 from tolaria.health.report import HealthHandle, HealthReport, ReadyHealth, build_report
 
@@ -74,19 +75,34 @@ def check_tensors(
 
     ``backend``: ``"auto"`` uses Triton for CUDA tensors when it imports, else the reference;
     ``"triton"`` forces the kernel (CPU tensors only under TRITON_INTERPRET=1);
-    ``"reference"`` forces pure PyTorch. Raises ValueError for an unknown backend, complex
-    tensors or tensors on several devices; RuntimeError when ``"triton"`` cannot run.
+    ``"reference"`` forces pure PyTorch.
+
+    Every kind of tensor a model holds is accepted (:mod:`tolaria.health.kinds`): a DTensor's
+    local shard is checked, a sparse tensor's coalesced values, a complex tensor's real view.
+
+    Raises ValueError for an unknown backend, tensors on several devices or a tensor without
+    data (meta, lazy); TypeError when ``named_tensors`` is a mapping or does not hold
+    ``(str, tensor)`` pairs; RuntimeError when ``"triton"`` cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(named_tensors, Mapping):
+        # Iterating a dict yields its keys: a silent misreading, never what was meant.
+        raise TypeError(
+            "named_tensors must be (name, tensor) pairs such as model.named_parameters(), got a "
+            f"{type(named_tensors).__name__}; pass its .items()"
+        )
     pairs = named_tensors if isinstance(named_tensors, (list, tuple)) else list(named_tensors)
     if not pairs:
         handle: HealthHandle = ReadyHealth(build_report([], [], [], [], [], backend="reference"))
         return handle.result() if blocking else handle
     # A handle keeps the names only: holding the tensors until result() would keep last step's
     # gradients alive and move this step's to new addresses (a new plan every step).
-    names = [name for name, _ in pairs]
-    tensors = [tensor for _, tensor in pairs]
+    try:
+        names = [name for name, _ in pairs]
+        tensors = [tensor for _, tensor in pairs]
+    except (TypeError, ValueError):
+        raise TypeError(f"named_tensors must hold (name, tensor) pairs, got {_describe(pairs)}") from None
     first = tensors[0]
     if backend == "triton" or (
         backend == "auto"
@@ -101,17 +117,27 @@ def check_tensors(
     return handle.result() if blocking else handle
 
 
+def _describe(pairs: object) -> str:
+    items = list(pairs) if isinstance(pairs, (list, tuple)) else []
+    bad = next((item for item in items if not (isinstance(item, tuple) and len(item) == 2)), None)
+    return f"an item of type {type(bad).__name__}" if bad is not None else type(pairs).__name__
+
+
 def _check_triton(names: list[str], tensors: list[torch.Tensor]) -> HealthHandle:
     plan_module = triton_health()
     if plan_module is None:
         raise RuntimeError(f"backend='triton' needs an importable Triton: {triton_health_error()}")
     try:
         plan = plan_module.find_plan(tensors)
-    except (TypeError, AttributeError):  # not all tensors: let validation say which
-        validate_tensors(names, tensors)
-        raise
+    except (TypeError, AttributeError, RuntimeError):  # no data pointer (sparse), or not a tensor
+        plan = None
+    if plan is not None:
+        return plan.check(names, tensors)
+    # The cached plans hold what the kernel reads: DTensor shards, sparse values, real views.
+    device = validate_tensors(names, tensors)
+    tensors = readable_all(names, tensors)
+    plan = plan_module.find_plan(tensors)
     if plan is None:
-        device = validate_tensors(names, tensors)
         from tolaria.health import triton_kernels
 
         if device.type != "cuda" and not (device.type == "cpu" and triton_kernels.INTERPRETED):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tolaria.health.kinds import readable_all
 from tolaria.health.report import HealthReport, build_report
 
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -35,8 +36,8 @@ def integer_norm(tensor: torch.Tensor) -> torch.Tensor:
 def validate_tensors(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> torch.device:
     """The one device all ``tensors`` live on.
 
-    Raises TypeError for a non-tensor, ValueError for a complex tensor or for tensors on more
-    than one device (naming the first tensor on each).
+    Raises TypeError for a non-tensor and ValueError for tensors on more than one device
+    (naming the first tensor on each).
     """
     device: torch.device | None = None
     first = ""
@@ -45,8 +46,6 @@ def validate_tensors(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> t
             raise TypeError(
                 f"named_tensors must yield (str, torch.Tensor) pairs; {name!r} is {type(tensor).__name__}"
             )
-        if tensor.is_complex():
-            raise ValueError(f"tensor {name!r} is complex ({tensor.dtype}); health checks take real tensors")
         if device is None:
             device, first = tensor.device, name
         elif tensor.device != device:
@@ -78,10 +77,13 @@ def reference_check(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> He
 
     Reads the results back to the host (one read per device for the norms, and one per tensor
     whose norm is not finite). Integer and bool tensors count zero non-finite elements and get an fp64
-    norm. Raises ValueError for complex tensors.
+    norm. DTensors, sparse, complex and quantized tensors are read as
+    :func:`tolaria.health.kinds.readable` says; raises ValueError for a tensor without data
+    (meta, lazy) or of another layout.
     """
     if len(names) != len(tensors):
         raise ValueError(f"names and tensors differ in length: {len(names)} != {len(tensors)}")
+    tensors = readable_all(names, tensors)
     count = len(tensors)
     # Group members as (input index, tensor as read); fp8 and friends are read widened to fp32.
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
@@ -89,10 +91,6 @@ def reference_check(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> He
     for index, tensor in enumerate(tensors):
         dtype = tensor.dtype
         if dtype not in _NATIVE_DTYPES:
-            if tensor.is_complex():
-                raise ValueError(
-                    f"tensor {names[index]!r} is complex ({dtype}); health checks take real tensors"
-                )
             if not tensor.is_floating_point():
                 integers.append((index, tensor))
                 continue
