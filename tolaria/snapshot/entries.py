@@ -6,8 +6,9 @@ A snapshot is more than ``model.state_dict()``:
   says which), because a rollback prunes those seeds instead of restoring them;
 * non-tensor module extra state travels beside the tensors (deep-copied, by key);
 * the optimizer's per-parameter state is captured as store entries together with the weights,
-  so both commit atomically: zeroed Adam moments with a kept step count would make the next
-  updates about 3x too large.
+  so both commit atomically (:mod:`tolaria.snapshot.optimizer_state`);
+* a sharded (FSDP2 / DTensor) tensor is captured as this rank's local shard (``to_local()``,
+  the same memory) under the full state-dict key, and restored into it in place.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from tolaria.health.kinds import local_tensor
+from tolaria.snapshot.kinds import check_snapshottable
+from tolaria.snapshot.optimizer_state import (
+    OPTIMIZER_KEY_PREFIX,
+    OptimizerOutcome,
+    OptimizerSnapshot,
+    check_optimizer_params,
+    optimizer_entries,
+    optimizer_restore_plan,
+)
 from tolaria.snapshot.seeds import excluded_seed_keys
 from tolaria.snapshot.store import SnapshotStore
 
-#: Keys of optimizer-state tensors in a store; ``@`` never starts a state-dict key.
-OPTIMIZER_KEY_PREFIX = "@optimizer/"
 _EXTRA_STATE = "_extra_state"
 
 
@@ -35,7 +44,7 @@ def state_dict_entries(
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, object], tuple[str, ...]]:
     """Split ``model.state_dict(keep_vars=True)`` into tensors, non-tensor entries (module extra
     state, kept by key) and the keys for which ``excluded(key)`` is true. Tensors are the live
-    ones (not copies); parameters keep their identity."""
+    ones (not copies; a DTensor's local shard); parameters keep their identity."""
     tensors: list[tuple[str, torch.Tensor]] = []
     extras: dict[str, object] = {}
     dropped: list[str] = []
@@ -43,7 +52,7 @@ def state_dict_entries(
         if excluded(key):
             dropped.append(key)
         elif isinstance(value, torch.Tensor):
-            tensors.append((key, value))
+            tensors.append((key, local_tensor(value)))
         else:
             extras[key] = value
     return tensors, extras, tuple(dropped)
@@ -57,109 +66,6 @@ def restore_extra_state(model: nn.Module, saved: Mapping[str, object], live_keys
             continue
         module = model.get_submodule(key[: -len(_EXTRA_STATE)].rstrip("."))
         module.set_extra_state(copy.deepcopy(value))
-
-
-@dataclass(frozen=True)
-class OptimizerSnapshot:
-    """The shape of an optimizer's state at capture time: for each parameter (a weak reference,
-    so pruned parameters are not kept alive), each state entry is either ``("tensor", key,
-    device)`` — the value lives in the store under ``key`` — or ``("value", deep copy)``."""
-
-    optimizer: weakref.ref[torch.optim.Optimizer]
-    per_param: tuple[tuple[weakref.ref[torch.Tensor], dict[str, tuple[Any, ...]]], ...]
-
-
-def optimizer_entries(
-    optimizer: torch.optim.Optimizer | None,
-) -> tuple[list[tuple[str, torch.Tensor]], OptimizerSnapshot | None]:
-    """The optimizer's per-parameter state as store entries plus its :class:`OptimizerSnapshot`.
-    Parameter-group hyperparameters (the learning rate, owned by schedulers) are not captured."""
-    if optimizer is None:
-        return [], None
-    tensors: list[tuple[str, torch.Tensor]] = []
-    per_param = []
-    index = 0
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            spec: dict[str, tuple[Any, ...]] = {}
-            for name, value in (optimizer.state.get(param) or {}).items():
-                if isinstance(value, torch.Tensor):
-                    key = f"{OPTIMIZER_KEY_PREFIX}{index}/{name}"
-                    tensors.append((key, value))
-                    spec[name] = ("tensor", key, value.device)
-                else:
-                    spec[name] = ("value", copy.deepcopy(value))
-            per_param.append((weakref.ref(param), spec))
-            index += 1
-    return tensors, OptimizerSnapshot(weakref.ref(optimizer), tuple(per_param))
-
-
-def _reusable(current: object, kept: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    if not isinstance(current, torch.Tensor):
-        return None
-    fits = current.shape == kept.shape and current.dtype == kept.dtype and current.device == device
-    return current if fits else None
-
-
-def optimizer_restore_plan(
-    optimizer: torch.optim.Optimizer | None, snap: OptimizerSnapshot | None, saved: Mapping[str, torch.Tensor]
-) -> tuple[list[tuple[str, torch.Tensor]], Callable[[], str]]:
-    """Plan how to put ``snap`` back into ``optimizer``.
-
-    Returns restore targets for the store (live state tensors reused in place when their shape,
-    dtype and device fit, fresh ones otherwise) and a ``finish()`` to call once the store has
-    written them: it installs the captured per-parameter state and returns ``"restored"``. If
-    ``snap`` was not taken of this very optimizer, there are no targets and ``finish()`` clears
-    the optimizer's per-parameter state entirely (``"cleared"``): stale moments with a stale step
-    count make the next updates far too large. Without an optimizer: ``"untouched"``.
-
-    Parameters are matched by identity (a rollback keeps Parameter objects), so the mapping of
-    state to parameters survives; a parameter without captured state ends with no state.
-    """
-    if optimizer is None:
-        return [], lambda: "untouched"
-    if snap is None or snap.optimizer() is not optimizer:
-
-        def clear() -> str:
-            optimizer.state.clear()
-            return "cleared"
-
-        return [], clear
-    captured = {id(ref()): (ref, spec) for ref, spec in snap.per_param if ref() is not None}
-    targets: list[tuple[str, torch.Tensor]] = []
-    new_state: dict[torch.Tensor, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        group_params: list[torch.Tensor] = group["params"]
-        for param in group_params:
-            param_ref, spec = captured.get(id(param), (None, {}))
-            if param_ref is None or param_ref() is not param:
-                new_state[param] = {}
-                continue
-            live = optimizer.state.get(param) or {}
-            state: dict[str, Any] = {}
-            for name, entry in spec.items():
-                if entry[0] != "tensor":
-                    state[name] = copy.deepcopy(entry[1])
-                    continue
-                key, device = entry[1], entry[2]
-                kept = saved[key]
-                # Reuse a fitting live tensor, so whatever else holds it sees the restored values.
-                target = _reusable(live.get(name), kept, device)
-                if target is None:
-                    target = torch.empty(kept.shape, dtype=kept.dtype, device=device)
-                targets.append((key, target))
-                state[name] = target
-            new_state[param] = state
-
-    def install() -> str:
-        for owner, owner_state in new_state.items():
-            if owner_state:
-                optimizer.state[owner] = owner_state
-            else:
-                optimizer.state.pop(owner, None)
-        return "restored"
-
-    return targets, install
 
 
 @dataclass(frozen=True)
@@ -208,6 +114,15 @@ def model_entries(
     return state_dict_entries(model, excluded_seed_keys(model))
 
 
+def check_model_snapshottable(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """ValueError naming the first model or optimizer-state tensor that cannot be snapshotted
+    (meta, lazy, quantized, sparse, a dispatch subclass; :mod:`tolaria.snapshot.kinds`) and what
+    to do, before anything is copied."""
+    tensors, _, _ = model_entries(model)
+    check_snapshottable(tensors, "model tensor")
+    check_snapshottable(optimizer_entries(optimizer)[0], "optimizer state")
+
+
 def capture_contents(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> CaptureContents:
     """Everything one Governor snapshot captures: the model (minus non-fossilized seeds), its
     extra state (deep-copied now, so later changes cannot leak into the LKG) and the
@@ -225,11 +140,12 @@ def restore_contents(
     optimizer: torch.optim.Optimizer | None,
     saved: dict[str, torch.Tensor],
     meta: CaptureMeta,
-) -> str:
+) -> OptimizerOutcome:
     """Write the committed LKG (``saved``, with its ``meta``) back into ``model`` and
     ``optimizer``: the host and fossilized seeds in place through the store, then the module
-    extra state, then the optimizer state. Returns the optimizer outcome: ``"restored"``,
-    ``"cleared"`` (its state was not captured with this LKG) or ``"untouched"`` (no optimizer).
+    extra state, then the optimizer state. Returns what happened to the optimizer state
+    (:class:`OptimizerOutcome`: per group "restored", "cleared" or "partial"; "untouched"
+    without an optimizer).
 
     Raises what :meth:`SnapshotStore.restore` raises (nothing is written in that case)."""
     tensors, extras, _ = model_entries(model)
@@ -275,9 +191,12 @@ __all__ = [
     "OPTIMIZER_KEY_PREFIX",
     "CaptureContents",
     "CaptureMeta",
+    "OptimizerOutcome",
     "OptimizerSnapshot",
     "capture_contents",
+    "check_model_snapshottable",
     "check_optimizer",
+    "check_optimizer_params",
     "device_of",
     "key_drift",
     "model_entries",

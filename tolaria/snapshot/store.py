@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from tolaria.health.report import HealthReport
+from tolaria.snapshot.kinds import refusal
 from tolaria.telemetry import hub as telemetry_hub
 from tolaria.telemetry.payloads import Severity, SnapshotDegradedPayload, TelemetryEventType
 
@@ -95,7 +96,8 @@ def normalize_named_tensors(
     """Turn a mapping or an iterable of pairs into a list of ``(key, tensor)``.
 
     Raises TypeError for a non-string key or a non-tensor value, and ValueError for a duplicate
-    key or a sparse/non-strided tensor; every message names ``argument`` and the offending key.
+    key or a tensor :func:`tolaria.snapshot.kinds.refusal` refuses (a DTensor, meta, lazy,
+    quantized, sparse, a dispatch subclass); every message names ``argument`` and the key.
     """
     items = list(named.items()) if isinstance(named, Mapping) else list(named)
     seen: set[str] = set()
@@ -107,10 +109,9 @@ def normalize_named_tensors(
             raise TypeError(f"{argument}: keys must be str, got {type(key).__name__}")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{argument}[{key!r}] must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.layout != torch.strided:
-            raise ValueError(
-                f"{argument}[{key!r}]: only strided (dense) tensors can be snapshotted, got {tensor.layout}"
-            )
+        reason = refusal(tensor)
+        if reason is not None:
+            raise ValueError(f"cannot snapshot {argument}[{key!r}]: it {reason}")
         if key in seen:
             raise ValueError(f"{argument}: duplicate key {key!r}")
         seen.add(key)
