@@ -64,8 +64,8 @@ class WatchConfig:
     Attributes:
         sensitivity: k of the ``mean + k·std`` divergence limit, for the loss and the gradient
             norm (>= 0).
-        multiplier: m of the ``m·mean`` divergence limit of the loss.
-        absolute_threshold: a loss must also exceed this (nats) to count as divergence.
+        multiplier: m of the ``m·mean`` divergence limit of the loss (>= 0).
+        absolute_threshold: a loss must also exceed this (nats, >= 0) to count as divergence.
         history_window: healthy samples kept per monitor (an int >= 10, the fewest the
             statistics are computed from).
         min_panics_before_rollback: consecutive anomalies (loss or gradient norm) that panic
@@ -108,8 +108,9 @@ class WatchConfig:
                 )
             ),  # fmt: skip
             "sensitivity": check_number("sensitivity", self.sensitivity, minimum=0.0),
-            "multiplier": check_number("multiplier", self.multiplier),
-            "absolute_threshold": check_number("absolute_threshold", self.absolute_threshold),
+            # Negative limits would flag every sample of a healthy run (all three must hold).
+            "multiplier": check_number("multiplier", self.multiplier, minimum=0.0),
+            "absolute_threshold": check_number("absolute_threshold", self.absolute_threshold, minimum=0.0),
             "grad_norm_multiplier": check_number(
                 "grad_norm_multiplier", self.grad_norm_multiplier, minimum=0.0
             ),

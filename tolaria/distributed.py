@@ -3,14 +3,17 @@
 Under DDP or FSDP one Governor runs on every rank, each watching its own loss, parameters and
 gradients and keeping its own Last Known Good. If one rank rolled back alone, the replicas would
 silently diverge, so :class:`RankConsensus` agrees every decision over ``torch.distributed``
-with ONE ``all_reduce(MAX)`` of a ``world_size``-slot int32 tensor in which each rank writes only
+with ONE ``all_reduce(MAX)`` of a ``world_size``-slot int64 tensor in which each rank writes only
 its own slot (its reason code, :data:`REASON_PRIORITY`): every rank then holds every rank's
 verdict, the highest code is the group's reason, the non-zero slots name the ranks that saw the
 fault, and a rank that raised writes :data:`CODE_RANK_ERROR` so its peers raise too.
 
 * **Checks** (:meth:`RankConsensus.decide`): a rank that saw nothing while another panicked
   rewinds its loss and gradient-norm monitors, so a step the group rolled back enters no rank's
-  history.
+  history. A health panic's slot also carries which tensor was sick first (its position in the
+  names every rank checks, and a checksum of the name), so every rank's panic names it, e.g. the
+  full name of a parameter whose shard on rank 1 went NaN under FSDP2; a rank whose own list
+  holds another name there (a pipeline stage) names none.
 * **Commits** (:meth:`RankConsensus.agree_on_commit`): one sick capture anywhere vetoes the
   commit everywhere (:mod:`tolaria.commit` asks).
 * **Rollbacks** (:meth:`RankConsensus.run_rollback`): a rank whose rollback raised makes every
@@ -28,44 +31,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from tolaria import telemetry as tm
-from tolaria.vitals import (
-    REASON_DIVERGENCE,
-    REASON_GRAD_EXPLOSION,
-    REASON_LOBOTOMY,
-    REASON_NAN,
-    REASON_NONFINITE_GRADS,
-    REASON_NONFINITE_PARAMS,
-    SpikeDetector,
+from tolaria.rank_codes import (
+    CODE_BITS,
+    CODE_HEALTHY,
+    CODE_MASK,
+    CODE_RANK_ERROR,
+    REASON_PRIORITY,
+    decode_slot,
+    encode_slot,
+    reason_code,
+    reason_of,
 )
+from tolaria.vitals import REASON_GRAD_EXPLOSION, SpikeDetector
 from tolaria.watch import Panic, Watch
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _P = TypeVar("_P")
 
-#: Panic reasons from the least to the most severe; a reason's code is its index + 1, and the
-#: group reports the most severe reason any rank saw. Non-finite evidence outranks statistics;
-#: corrupt weights (already broken) outrank corrupt gradients (about to break them), which
-#: outrank a non-finite loss (often just one bad batch); a lobotomy is certain, a divergence or a
-#: gradient explosion is a statistical judgement.
-REASON_PRIORITY: tuple[str, ...] = (
-    REASON_DIVERGENCE,
-    REASON_GRAD_EXPLOSION,
-    REASON_LOBOTOMY,
-    REASON_NAN,
-    REASON_NONFINITE_GRADS,
-    REASON_NONFINITE_PARAMS,
-)
-CODE_HEALTHY = 0
-#: A rank raised during its local check; outranks every panic.
-CODE_RANK_ERROR = len(REASON_PRIORITY) + 1
 PROCESS_GROUP_CHOICES = "None, 'auto' or a torch.distributed.ProcessGroup"
 
 
@@ -76,19 +66,6 @@ class DistributedGovernorError(RuntimeError):
     def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ranks = ranks
-
-
-def reason_code(reason: str) -> int:
-    """The code of a panic reason (see :data:`REASON_PRIORITY`); ValueError for an unknown one."""
-    try:
-        return REASON_PRIORITY.index(reason) + 1
-    except ValueError:
-        raise ValueError(f"unknown panic reason {reason!r}; known: {REASON_PRIORITY}") from None
-
-
-def reason_of(code: int) -> str | None:
-    """Inverse of :func:`reason_code`; None for :data:`CODE_HEALTHY`."""
-    return None if code == CODE_HEALTHY else REASON_PRIORITY[code - 1]
 
 
 def resolve_process_group(process_group: object) -> Any:
@@ -175,8 +152,16 @@ class LocalDecisions:
     #: Global ranks that vetoed the latest snapshot (always empty here).
     veto_ranks: tuple[int, ...] = ()
 
-    def decide(self, watch: Watch, observe: Callable[[], Panic | None], what: str) -> Panic | None:
-        """This rank's verdict (``observe`` keeps a panic as ``watch.pending``)."""
+    def decide(
+        self,
+        watch: Watch,
+        observe: Callable[[], Panic | None],
+        what: str,
+        *,
+        names: Callable[[], Sequence[str]] | None = None,
+    ) -> Panic | None:
+        """This rank's verdict (``observe`` keeps a panic as ``watch.pending``); ``names`` lists
+        the tensors a health check covers (used with a group, to name a peer's sick tensor)."""
         return observe()
 
     def agree_on_commit(self, healthy: bool) -> bool:
@@ -227,12 +212,12 @@ class RankConsensus(LocalDecisions):
 
     # -- the one collective --------------------------------------------------------------------
     def exchange(self, code: int, what: str) -> tuple[int, ...]:
-        """Every rank's code, rank by rank: ONE ``all_reduce(MAX)`` of a tensor where this rank
-        writes ``code`` into its own slot and zero elsewhere.
+        """Every rank's value, rank by rank: ONE ``all_reduce(MAX)`` of an int64 tensor where this
+        rank writes ``code`` (>= 0) into its own slot and zero elsewhere.
 
         Raises :class:`DistributedGovernorError` when the exchange fails or does not complete in
         time (a peer died, hung, or stopped calling the Governor in step)."""
-        slots = torch.zeros(self.world_size, dtype=torch.int32)
+        slots = torch.zeros(self.world_size, dtype=torch.int64)
         slots[self.rank] = code
         slots = slots.to(self.device)
         try:
@@ -249,22 +234,39 @@ class RankConsensus(LocalDecisions):
         return tuple(self.global_ranks[r] for r, code in enumerate(codes) if keep(code))
 
     # -- checks --------------------------------------------------------------------------------
-    def decide(self, watch: Watch, observe: Callable[[], Panic | None], what: str) -> Panic | None:
+    def decide(
+        self,
+        watch: Watch,
+        observe: Callable[[], Panic | None],
+        what: str,
+        *,
+        names: Callable[[], Sequence[str]] | None = None,
+    ) -> Panic | None:
         """Run this rank's check (``observe``, which may update ``watch``), then agree.
 
         Returns the group's panic, the same reason on every rank, also kept as
         ``watch.pending`` so the rollback reports it; None when every rank is healthy. A rank
         that did not see the group's reason keeps its own evidence (loss, first bad tensor) when
         it panicked for a lesser reason; one that saw nothing rewinds its monitors (module
-        docstring) and reports a NaN loss. Raises what ``observe`` raised on this rank, and
-        :class:`DistributedGovernorError` on the others."""
+        docstring), reports a NaN loss and names the first sick tensor of the lowest rank that
+        saw the group's reason, looked up in ``names()`` (the checked tensors' names, the same
+        list on every rank; called only when a panic needs it). Raises what ``observe`` raised
+        on this rank, and :class:`DistributedGovernorError` on the others."""
         before = _MonitorState(watch)
         try:
             local = observe()
         except BaseException:
             self.exchange(CODE_RANK_ERROR, what)
             raise
-        codes = self.exchange(CODE_HEALTHY if local is None else reason_code(local.reason), what)
+        listed: Sequence[str] = ()
+        if local is None:
+            value = CODE_HEALTHY
+        else:
+            if local.first_bad is not None and names is not None:
+                listed = names()
+            value = encode_slot(reason_code(local.reason), local.first_bad, listed)
+        values = self.exchange(value, what)
+        codes = tuple(v & CODE_MASK for v in values)
         top = max(codes)
         if top == CODE_HEALTHY:
             return None
@@ -279,8 +281,23 @@ class RankConsensus(LocalDecisions):
         if local is None:
             detector = watch.grad_norms if reason == REASON_GRAD_EXPLOSION else watch.loss.spikes
             local = Panic(reason=reason, loss=math.nan, threshold=detector.threshold(),
-                          consecutive=detector.consecutive)  # fmt: skip
+                          consecutive=detector.consecutive,
+                          first_bad=self._peer_first_bad(values, top, names))  # fmt: skip
         return watch.keep(dataclasses.replace(local, reason=reason))
+
+    @staticmethod
+    def _peer_first_bad(
+        values: tuple[int, ...], top: int, names: Callable[[], Sequence[str]] | None
+    ) -> str | None:
+        """The first sick tensor of the lowest rank whose slot holds the group's reason ``top``."""
+        if names is None or not any(v >> CODE_BITS for v in values):
+            return None
+        listed = names()
+        for value in values:
+            code, name = decode_slot(value, listed)
+            if code == top and name is not None:
+                return name
+        return None
 
     # -- snapshots -----------------------------------------------------------------------------
     def agree_on_commit(self, healthy: bool) -> bool:
@@ -336,6 +353,8 @@ __all__ = [
     "RankedPanicPayload",
     "RankedRollbackPayload",
     "RankedSnapshotPayload",
+    "decode_slot",
+    "encode_slot",
     "reason_code",
     "make_decisions",
     "reason_of",

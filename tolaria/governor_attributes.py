@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from tolaria.deferred import VerdictQueue
     from tolaria.distributed import LocalDecisions
     from tolaria.recovery.ladder import RecoveryLadder
+    from tolaria.restore_state import RestoreState
     from tolaria.snapshot.store import SnapshotStore
     from tolaria.watch import Panic, Watch
 
@@ -52,6 +53,7 @@ class GovernorAttributes:
     _group: LocalDecisions
     _handout: LkgHandout | None
     _ladder: RecoveryLadder | None
+    _restore: RestoreState
 
     def _resolve(self, *, drain: bool = False) -> object: ...
 
@@ -150,6 +152,14 @@ class GovernorAttributes:
     @property
     def snapshot_backend(self) -> str:
         return self._store.backend
+
+    @property
+    def restore_incomplete(self) -> str | None:
+        """What interrupted the last rollback half-way (None when the model is whole). While it
+        is set, ``snapshot()`` refuses, every check panics (``governor_restore_incomplete``) and
+        the next ``execute_rollback()`` completes the restore (:mod:`tolaria.restore_state`): a
+        ``finally:`` that checkpoints should look here first."""
+        return self._restore.incomplete
 
     @property
     def last_good_state(self) -> dict[str, torch.Tensor] | None:

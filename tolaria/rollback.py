@@ -5,7 +5,9 @@ module does it, in this order: refuse an LKG the caller edited (:mod:`tolaria.sn
 restore the host and fossilized seeds in place and the optimizer state captured with them,
 prune every live seed, emit exactly one GOVERNOR_ROLLBACK event (carrying key mismatches and
 esper-lite's attribution fields), and only then raise on architecture drift, so the LKG and the
-panic state stay for another try.
+panic state stay for another try. While the model is being written it is marked "restore
+incomplete" (:mod:`tolaria.restore_state`: a Ctrl-C waits for the restore to finish; anything
+else that interrupts it leaves the mark, and the next rollback completes it).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tolaria.restore_state import RestoreState
 from tolaria.snapshot import seeds
 from tolaria.snapshot.entries import CaptureMeta, device_of, key_drift, restore_contents
 from tolaria.snapshot.handout import LkgHandout
+from tolaria.snapshot.optimizer_state import UNTOUCHED, OptimizerOutcome
 from tolaria.snapshot.store import SnapshotStore
 from tolaria.telemetry.events import Ranked, rollback_event
 from tolaria.telemetry.hub import TelemetryHub
@@ -47,8 +51,12 @@ class GovernorReport:
     (``governor_nan``, ``governor_divergence``, ``governor_nonfinite_params``, ...; None for a
     manual rollback). ``missing_keys`` / ``unexpected_keys`` are state-dict keys with no saved
     value / no live tensor (only keys under ``seed_slots.`` can appear here: others raise).
-    ``optimizer_state`` is "restored", "cleared" or "untouched". ``panic_step`` is the label of
-    the observed step whose deferred verdict panicked, None after a blocking check.
+    ``optimizer_state`` is "restored" (every parameter of the optimizer got its captured state
+    back), "cleared" (none had captured state, so none has state now: a snapshot taken before
+    the first step, or an optimizer first seen at this rollback), "partial" (some of each, e.g.
+    a param group added after the snapshot) or "untouched" (no optimizer); ``optimizer_groups``
+    says the same per param group. ``panic_step`` is the label of the observed step whose
+    deferred verdict panicked, None after a blocking check.
     ``recovery_action`` says what a :class:`tolaria.RecoveryPolicy` did after the rollback
     (``"lr_backoff"``, ``"lr_backoff+moment_reset"``, ``"observed"`` in shadow mode, where
     ``rollback_occurred`` is False and nothing was touched; ``""`` without a policy).
@@ -64,9 +72,10 @@ class GovernorReport:
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
     pruned_slots: tuple[str, ...] = ()
-    optimizer_state: str = "untouched"
+    optimizer_state: str = UNTOUCHED
     panic_step: int | None = None
     recovery_action: str = ""
+    optimizer_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,13 @@ class Attribution:
     episode_idx: int | None = None
     #: Identities of the batches seen between the LKG and the panic (a resumed run skips them).
     skipped_batches: tuple[Any, ...] = ()
+
+
+def check_env_id(env_id: object) -> int:
+    """``env_id`` validated: an int (not a bool); TypeError naming it otherwise."""
+    if isinstance(env_id, bool) or not isinstance(env_id, int):
+        raise TypeError(f"env_id must be an int, got {type(env_id).__name__} {env_id!r}")
+    return env_id
 
 
 def _emit_or_warn(hub_source: Callable[[], TelemetryHub], event: Any) -> None:
@@ -105,22 +121,26 @@ def perform_rollback(
     fault_ranks: tuple[int, ...],
     env_id: int,
     attribution: Attribution,
-) -> tuple[GovernorReport, str]:
+    restore_state: RestoreState | None = None,
+) -> tuple[GovernorReport, OptimizerOutcome]:
     """Roll ``model`` (and ``optimizer``) back to the store's committed LKG; returns the report
     and the optimizer outcome. ``handout``: the ``last_good_state`` dict given to the caller for
-    this LKG, if any (verified before anything is written).
+    this LKG, if any (verified before anything is written). ``restore_state`` is marked
+    incomplete while the model is written (:mod:`tolaria.restore_state`).
 
     Raises RuntimeError when there is no LKG or the handed-out dict was edited (nothing written),
     SnapshotMismatchError when a saved tensor no longer fits (nothing written), and RuntimeError
-    on architecture drift or a sick late fossil (after the restore and the event).
+    on architecture drift or a sick late fossil (after the restore and the event). Whatever
+    escapes while the model is written leaves ``restore_state`` marked.
     """
     saved, meta = store.last_good_state, store.lkg_meta
     if saved is None or not isinstance(meta, CaptureMeta):
         raise RuntimeError("no Last Known Good snapshot to roll back to (no snapshot was ever committed)")
     if handout is not None and handout.source is saved:
         handout.verify()
-    optimizer_state = restore_contents(store, model, optimizer, saved, meta)
-    pruned = seeds.prune_live_seeds(model)
+    with (restore_state if restore_state is not None else RestoreState()).writing():
+        outcome = restore_contents(store, model, optimizer, saved, meta)
+        pruned = seeds.prune_live_seeds(model)
     missing, unexpected = key_drift(model, meta)
     panic, panicked = watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
     panic_reason = watch.panic_reason
@@ -158,10 +178,11 @@ def perform_rollback(
         missing_keys=missing,
         unexpected_keys=unexpected,
         pruned_slots=pruned,
-        optimizer_state=optimizer_state,
+        optimizer_state=outcome.state,
         panic_step=panic.step if panicked else None,
+        optimizer_groups=outcome.groups,
     )
-    return report, optimizer_state
+    return report, outcome
 
 
 def observed_report(watch: Watch, env_id: int, action: str) -> GovernorReport:
@@ -188,5 +209,7 @@ __all__ = [
     "STRUCTURAL_COLLAPSE",
     "Attribution",
     "GovernorReport",
+    "check_env_id",
+    "observed_report",
     "perform_rollback",
 ]

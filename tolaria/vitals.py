@@ -36,6 +36,9 @@ REASON_DIVERGENCE = "governor_divergence"
 REASON_NONFINITE_PARAMS = "governor_nonfinite_params"
 REASON_NONFINITE_GRADS = "governor_nonfinite_grads"
 REASON_GRAD_EXPLOSION = "governor_grad_explosion"
+#: Not a detector's verdict: a rollback was interrupted half-way, so the weights are a mix of the
+#: LKG and what came before; every check panics with it until a rollback completes the restore.
+REASON_RESTORE_INCOMPLETE = "governor_restore_incomplete"
 
 #: A lobotomy needs the history mean below this fraction of the random-guess loss ...
 LOBOTOMY_MEAN_FRACTION = 0.6
@@ -48,22 +51,36 @@ def coerce_loss(loss: object) -> float:
 
     Accepts a real Python/NumPy number or a one-element real tensor on any device (a GPU tensor
     costs one device→host read). Raises TypeError naming the type (and shape) otherwise; ``bool``
-    is rejected because a boolean "loss" is always a bug.
+    is rejected because a boolean "loss" is always a bug. Raises ValueError for a number beyond
+    the float range (``10**400``: no float holds it, and calling it infinite would invent a
+    value) and for a tensor without data (the meta device).
     """
     if isinstance(loss, torch.Tensor):
         return float(check_loss_tensor(loss).item())
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
+        try:
+            return float(loss)
+        except OverflowError:
+            kind = type(loss).__name__
+            article = "an" if kind[:1] in "aeiou" else "a"
+            raise ValueError(
+                f"loss must fit a Python float (|loss| <= 1.8e308), got {article} {kind} beyond that"
+            ) from None
     raise TypeError(f"loss must be a Python number or a one-element tensor, got {type(loss).__name__}")
 
 
 def check_loss_tensor(loss: torch.Tensor) -> torch.Tensor:
     """``loss`` detached as a 0-d tensor (no device read); TypeError unless it is a one-element
-    real tensor."""
+    real tensor, ValueError when it holds no data (the meta device)."""
     if loss.numel() != 1 or loss.is_complex() or loss.dtype == torch.bool:
         raise TypeError(
             "loss must be a Python number or a one-element real tensor, got a tensor of "
             f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
+        )
+    if loss.is_meta:
+        raise ValueError(
+            "loss is a tensor on the meta device, which holds no value; compute the loss on a real "
+            "device (a model on meta must be materialized first)"
         )
     return loss.detach().reshape(())
 
@@ -226,6 +243,7 @@ __all__ = [
     "REASON_NAN",
     "REASON_NONFINITE_GRADS",
     "REASON_NONFINITE_PARAMS",
+    "REASON_RESTORE_INCOMPLETE",
     "LossMonitor",
     "SpikeDetector",
     "SpikeVerdict",
