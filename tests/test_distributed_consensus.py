@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tolaria import _ext, distributed, telemetry
+from tolaria import _ext, distributed, rank_codes, telemetry
 from tolaria.distributed import (
     CODE_RANK_ERROR,
     REASON_PRIORITY,
@@ -66,8 +66,9 @@ def test_reason_codes_follow_the_documented_priority() -> None:
     assert codes == sorted(codes) and min(codes) > 0 and max(codes) < CODE_RANK_ERROR
     assert all(reason_of(reason_code(r)) == r for r in REASON_PRIORITY)
     assert reason_of(0) is None
-    # non-finite weights are the most severe; a statistical divergence the least
-    assert REASON_PRIORITY[-1] == "governor_nonfinite_params" and REASON_PRIORITY[0] == "governor_divergence"
+    # a half-restored model is the most severe, then non-finite weights; a divergence the least
+    assert REASON_PRIORITY[-2:] == ("governor_nonfinite_params", "governor_restore_incomplete")
+    assert REASON_PRIORITY[0] == "governor_divergence"
     with pytest.raises(ValueError, match="unknown panic reason"):
         reason_code("governor_bored")
 
@@ -101,6 +102,49 @@ def test_a_lesser_local_panic_takes_the_groups_reason_but_keeps_its_evidence() -
     panic = consensus.decide(watch, lambda: watch.observe_loss(math.nan), "check_vital_signs")
     assert panic is not None and panic.reason == "governor_nonfinite_params" and math.isnan(panic.loss)
     assert panic.consecutive == 0  # a NaN loss leaves the divergence run as it was (the original's rule)
+
+
+def _health_report(names: list[str], sick: str | None) -> object:
+    from tolaria.health import check_tensors
+
+    tensors = [torch.tensor([math.nan]) if name == sick else torch.ones(1) for name in names]
+    return check_tensors(list(zip(names, tensors, strict=True)), backend="reference")
+
+
+NAMES = ["0.weight", "0.bias", "2.weight", "0.weight.grad", "0.bias.grad", "2.weight.grad"]
+
+
+def test_a_sick_ranks_slot_names_its_first_sick_tensor_on_every_rank() -> None:
+    sick_watch, healthy_watch = Watch(), Watch()
+    sick = ScriptedConsensus(1, [[0, 0]])
+    report = _health_report(NAMES[:3], "2.weight")
+    panic = sick.decide(sick_watch, lambda: sick_watch.observe_tensors(report, 3), "check_health",
+                        names=lambda: NAMES)  # fmt: skip
+    assert panic is not None and panic.first_bad == "2.weight"
+    (slot,) = sick.sent
+    assert rank_codes.decode_slot(slot, NAMES) == (reason_code("governor_nonfinite_params"), "2.weight")
+    healthy = ScriptedConsensus(0, [[0, slot]])
+    calm = _health_report(NAMES[:3], None)
+    agreed = healthy.decide(healthy_watch, lambda: healthy_watch.observe_tensors(calm, 3), "check_health",
+                            names=lambda: NAMES)  # fmt: skip
+    assert agreed is not None and agreed.reason == "governor_nonfinite_params"
+    assert agreed.first_bad == "2.weight" and healthy.fault_ranks == (1,)
+    # A rank whose own list holds another name at that position (a pipeline stage) names none.
+    other = ScriptedConsensus(0, [[0, slot]])
+    stage = ["4.weight", "4.bias", "6.weight"]
+    watch = Watch()
+    alien = other.decide(watch, lambda: watch.observe_tensors(_health_report(stage, None), 3),
+                         "check_health", names=lambda: stage)  # fmt: skip
+    assert alien is not None and alien.first_bad is None
+
+
+def test_slot_values_survive_the_int64_exchange_and_keep_their_codes() -> None:
+    for code in range(1, CODE_RANK_ERROR + 1):
+        slot = rank_codes.encode_slot(code, NAMES[-1], NAMES)
+        assert 0 < slot < 2**63 and slot & rank_codes.CODE_MASK == code
+        assert rank_codes.decode_slot(slot, NAMES) == (code, NAMES[-1])
+    assert rank_codes.encode_slot(3, "not listed", NAMES) == 3 == rank_codes.encode_slot(3, None, NAMES)
+    assert rank_codes.decode_slot(3, NAMES) == (3, None)
 
 
 def test_when_every_rank_is_healthy_nothing_is_rewound() -> None:

@@ -118,3 +118,20 @@ def test_loss_and_health_panics_share_one_pending_reason() -> None:
     report = gov.execute_rollback()
     assert report.panic_reason == "governor_nonfinite_grads"  # the latest panic is what is reported
     assert gov.consecutive_panics == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_finite_gradients_whose_norm_overflows_count_as_explosions_during_warm_up(backend: str) -> None:
+    # 1e30 is a finite fp32 value, but its square is not: the global norm comes out +inf. While
+    # the norm history is still warming up, +inf is not statistics but it is never normal either.
+    model = model_with_grads(1e30)
+    gov = TolariaGovernor(model, snapshot_backend=backend, min_panics_before_rollback=3)
+    verdicts = [gov.check_health() for _ in range(3)]
+    assert verdicts == [False, False, True]
+    assert gov.last_grad_norm == math.inf
+    assert gov.pending_panic is not None and gov.pending_panic.reason == "governor_grad_explosion"
+    assert gov.pending_panic.first_bad is None  # no element is non-finite
+    assert len(gov._watch.grad_norms.history) == 0  # the infinite norm entered no history
+    set_grads(model, 1.0)
+    gov.execute_rollback()
+    assert gov.check_health() is False and len(gov._watch.grad_norms.history) == 1

@@ -176,3 +176,43 @@ def test_the_step_hook_does_not_keep_a_dropped_governors_store_alive() -> None:
     assert len(optimizer._optimizer_step_pre_hooks) == 0  # and no hook piles up
     model(torch.randn(2, 16)).sum().backward()
     optimizer.step()  # still steps normally
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_snapshot_from_before_the_first_step_clears_every_moment_and_step(name: str, backend: str) -> None:
+    model, data = model_and_data()
+    opt = OPTIMIZERS[name](list(model.parameters()))
+    gov = TolariaGovernor(model, optimizer=opt, snapshot_backend=backend)  # no state captured yet
+    for batch in data[:3]:
+        train_step(model, opt, batch)
+    assert all(opt.state[p] for p in model.parameters())  # moments (and step counts) exist now
+    report = gov.execute_rollback()
+    # No parameter had captured state, so none keeps any: stale moments with a fresh start
+    # would make the next update far too large. The report says so.
+    assert report.optimizer_state == "cleared" and report.optimizer_groups == ("cleared",)
+    assert len(opt.state) == 0
+    fresh_model, _ = model_and_data()
+    fresh_opt = OPTIMIZERS[name](list(fresh_model.parameters()))
+    train_step(model, opt, data[3])
+    train_step(fresh_model, fresh_opt, data[3])
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), params_of(fresh_model), strict=True))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_param_group_added_after_the_snapshot_is_reported_cleared_not_restored(backend: str) -> None:
+    model, data = model_and_data()
+    first, second = list(model[0].parameters()), list(model[2].parameters())  # type: ignore[index]
+    opt = torch.optim.Adam(first, lr=1e-2)
+    gov = TolariaGovernor(model, optimizer=opt, snapshot_backend=backend)
+    train_step(model, opt, data[0])
+    assert gov.snapshot().committed
+    step_before = {id(p): float(opt.state[p]["step"]) for p in first}
+    opt.add_param_group({"params": second})
+    for batch in data[1:3]:
+        train_step(model, opt, batch)
+    report = gov.execute_rollback()
+    assert report.optimizer_state == "partial"
+    assert report.optimizer_groups == ("restored", "cleared")
+    assert {id(p): float(opt.state[p]["step"]) for p in first} == step_before
+    assert all(p not in opt.state for p in second)  # the new group's moments are gone, as reported

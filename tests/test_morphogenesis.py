@@ -233,8 +233,12 @@ def test_attention_seed_is_causal() -> None:
         torch.nn.init.normal_(p)  # a trained seed: nonzero output everywhere
     x = torch.randn(1, 6, 16)
     changed = x.clone()
-    changed[:, 4:] += 1.0
-    torch.testing.assert_close(seed(x)[:, :4], seed(changed)[:, :4])
+    changed[:, 4:] += torch.randn(1, 2, 16)  # not a constant shift: a LayerNorm would erase that
+    before, after = seed(x), seed(changed)
+    torch.testing.assert_close(before[:, :4], after[:, :4])
+    # ... and the positions that may see the change do: a constant-output seed would pass above.
+    for position in (4, 5):
+        assert not torch.allclose(before[:, position], after[:, position])
 
 
 # --------------------------------------------------------------------- grafting

@@ -53,7 +53,11 @@ def test_transformer_host_is_causal() -> None:
     tokens = torch.randint(101, (1, 10))
     changed = tokens.clone()
     changed[0, 7:] = (changed[0, 7:] + 1) % 101
-    torch.testing.assert_close(host(tokens)[:, :7], host(changed)[:, :7])
+    before, after = host(tokens), host(changed)
+    torch.testing.assert_close(before[:, :7], after[:, :7])
+    # ... and the positions that see the change do: a constant-output host would pass above.
+    for position in (7, 8, 9):
+        assert not torch.allclose(before[:, position], after[:, position])
 
 
 def test_transformer_host_refuses_sequences_past_its_context() -> None:

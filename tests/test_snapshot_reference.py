@@ -157,6 +157,27 @@ def test_a_sick_capture_is_not_committed_and_names_the_first_bad_key() -> None:
     assert store.resolve() is None  # nothing pending any more
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("sick_first", [False, True], ids=["sick-second-dtype", "sick-first-dtype"])
+def test_a_nan_in_any_float_dtype_makes_the_capture_sick(backend: str, sick_first: bool) -> None:
+    # bf16 weights beside fp32 buffers and optimizer state: a store that verified only its first
+    # dtype's buffer would commit this capture.
+    sick = torch.ones(6, dtype=torch.float32)
+    sick[4] = float("nan")
+    state = {"w": torch.ones(4, 3, dtype=torch.bfloat16), "b": torch.ones(3, dtype=torch.bfloat16),
+             "running_mean": sick, "step": torch.tensor(3)}  # fmt: skip
+    if sick_first:
+        state = {"running_mean": sick, "w": state["w"], "b": state["b"], "step": state["step"]}
+    store = make_store(backend)
+    store.capture(state)
+    resolution = store.resolve()
+    assert resolution is not None and resolution.committed is False
+    assert resolution.first_bad == "running_mean" and store.last_good_state is None
+    healthy = {**state, "running_mean": torch.ones(6)}
+    store.capture(healthy)
+    assert store.resolve().committed  # type: ignore[union-attr]
+
+
 def test_a_rollback_while_a_capture_is_staged_restores_the_previous_lkg() -> None:
     live = {"w": torch.full((4,), 1.0)}
     store = committed_store(live)

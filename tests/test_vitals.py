@@ -172,6 +172,22 @@ def test_lobotomy_panics_at_once_with_ten_samples_only() -> None:
     assert custom.check(1.0).reason == REASON_LOBOTOMY
 
 
+@pytest.mark.parametrize(("mean_fraction", "panics"), [(0.5, True), (0.59, True), (0.61, False)])
+def test_lobotomy_mean_bound_is_pinned_on_both_sides_of_0_6(mean_fraction: float, panics: bool) -> None:
+    # Between 0.22 (the history above) and 0.6 of the random-guess loss: a 0.3 bound would pass
+    # the test above but not this one.
+    guess = math.log(10)
+    signs = warmed([mean_fraction * guess] * 10).check(guess)
+    assert signs.panic is panics and signs.reason == (REASON_LOBOTOMY if panics else None)
+
+
+@pytest.mark.parametrize(("offset", "panics"), [(-0.06, True), (-0.07, False), (0.06, True), (0.07, False)])
+def test_lobotomy_band_is_symmetric_around_the_random_guess_loss(offset: float, panics: bool) -> None:
+    guess = math.log(10)
+    signs = warmed([0.5] * 10).check(guess * (1 + offset))
+    assert signs.panic is panics and signs.reason == (REASON_LOBOTOMY if panics else None)
+
+
 # -- the shared spike detector (gradient norms) ----------------------------------------------
 def test_spike_detector_ignores_nan_and_counts_inf_as_an_anomaly() -> None:
     rule = SpikeRule(sensitivity=6.0, multiplier=3.0, absolute_threshold=0.0, min_consecutive=2)
