@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 import tolaria.demo.runner as runner
 from tolaria import telemetry
@@ -49,6 +50,24 @@ def all_faults(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
     # Presentation follows the run, as in `tolaria demo`: the runner trains, the report plots.
     result.plot_path = write_plot(result, out / PLOT_FILE)
     return result
+
+
+def test_a_recurring_storm_is_escaped_where_plain_rollbacks_loop(tmp_path: Path) -> None:
+    config = DemoConfig(task="cifar10", device="cpu", steps=90, faults="lr_storm@50", out_dir=tmp_path)
+    result = run_demo(config)
+    (storm,) = result.faults
+    assert storm.ok, storm.failure_message()
+    assert storm.plain_rollbacks is not None and storm.rollbacks < storm.plain_rollbacks and storm.escaped
+    assert len(storm.plain_rollback_steps) == storm.plain_rollbacks
+    assert all(50 <= step < 50 + config.lr_storm_steps for step in storm.plain_rollback_steps)
+    console = Console(record=True, width=200)
+    render_summary(result, console)
+    text = console.export_text()
+    assert f"(plain: {storm.plain_rollbacks})" in text and "the recovery policy escaped" in text
+    assert write_plot(result, tmp_path / "loss.png").stat().st_size > 0
+    # The control run's telemetry stayed private: the real run's file has the real rollbacks only.
+    lines = (tmp_path / "telemetry.jsonl").read_text().splitlines()
+    assert sum('"governor_rollback"' in line for line in lines) == storm.rollbacks
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_REASONS))
@@ -191,7 +210,10 @@ def test_run_demo_only_trains_it_neither_prints_nor_plots(
 
 
 #: Every column header of the fault table, whole.
-HEADERS = ("fault", "injected at", "caught at", "reason", "rollback", "loss before", "loss after", "result")
+HEADERS = (
+    "fault", "injected at", "caught at", "reason", "rollback", "rollbacks", "loss before", "loss after",
+    "result",
+)  # fmt: skip
 
 
 def _fault_row(out: str, kind: str) -> list[str]:
@@ -214,8 +236,10 @@ def test_piped_output_is_never_cut_and_has_no_progress_bar(
     assert "…" not in out and "\x1b[" not in out  # nothing cut, no terminal control codes
     header = next(line for line in out.splitlines() if "injected at" in line)
     assert re.split(r"\s{2,}", header.strip()) == list(HEADERS)
-    kind, injected, caught, reason, rollback, before, after, result = _fault_row(out, "inf_grad")
-    assert (kind, injected, caught, reason, result) == ("inf_grad", "6", "6", "nonfinite_grads", "recovered")
+    kind, injected, caught, reason, rollback, count, before, after, result = _fault_row(out, "inf_grad")
+    assert (kind, injected, caught, reason, count, result) == (
+        "inf_grad", "6", "6", "nonfinite_grads", "1", "recovered",
+    )  # fmt: skip
     assert re.fullmatch(r"\d+\.\d\d ms", rollback)
     for number in (before, after):
         assert math.isfinite(float(number))

@@ -39,10 +39,11 @@ def test_default_and_none() -> None:
     default = parse_fault_spec("default", steps=300)
     assert default == default_fault_schedule(300)
     assert [(f.kind, f.step) for f in default] == [
-        ("nan_weight", 60),
-        ("inf_grad", 120),
-        ("lr_blowup", 180),
-        ("lobotomy", 240),
+        ("nan_weight", 45),
+        ("inf_grad", 90),
+        ("lr_blowup", 135),
+        ("lobotomy", 180),
+        ("lr_storm", 210),
     ]
     assert {f.kind for f in default} == set(FAULT_KINDS)
 
@@ -193,3 +194,19 @@ def test_recovery_limit_is_three_quarters_of_the_way_back() -> None:
     assert recovery_limit(0.3, 2.3) == pytest.approx(0.8)
     assert recovery_limit(2.5, 2.3) == pytest.approx(2.75)  # not better than a guess: 10% slack
     assert recovery_limit(math.nan, 2.3) == pytest.approx(2.3)
+
+
+def test_a_storm_holds_the_learning_rate_through_rollbacks_then_ends() -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    injector = FaultInjector(model, optimizer, [ScheduledFault(3, "lr_storm")], lr_storm_factor=50.0,
+                             lr_storm_steps=4)  # fmt: skip
+    seen = []
+    for step in range(9):
+        injector.inject(step)
+        if step == 4:
+            assert not injector.after_rollback()  # a rollback does not end the storm
+        seen.append(round(optimizer.param_groups[0]["lr"], 6))
+    assert seen == [0.1, 0.1, 0.1, 5.0, 5.0, 5.0, 5.0, 0.1, 0.1]
+    with pytest.raises(ValueError, match="lr_storm_steps must be an int >= 1"):
+        FaultInjector(model, optimizer, [], lr_storm_steps=0)

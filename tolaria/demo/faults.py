@@ -4,12 +4,12 @@
 
     SPEC  := "default" | "none" | ITEM ("," ITEM)*
     ITEM  := KIND "@" STEP
-    KIND  := "nan_weight" | "inf_grad" | "lr_blowup" | "lobotomy"
+    KIND  := "nan_weight" | "inf_grad" | "lr_blowup" | "lobotomy" | "lr_storm"
     STEP  := integer, 0 <= STEP < steps (0-based step index; each step at most once)
 
 for example ``nan_weight@60,inf_grad@120,lr_blowup@180,lobotomy@240``. Spaces around items are
-ignored and kinds are case-insensitive. ``default`` spreads the four kinds over the run at 20%,
-40%, 60% and 80% of ``steps``; ``none`` trains without faults.
+ignored and kinds are case-insensitive. ``default`` spreads the five kinds over the run at 15%,
+30%, 45%, 60% and 70% of ``steps``; ``none`` trains without faults.
 
 A fault is injected just before its step's forward pass and is expected to be caught by:
 
@@ -25,6 +25,10 @@ A fault is injected just before its step's forward pass and is expected to be ca
 * ``lobotomy`` — the output layer is zeroed, so every prediction is uniform and the loss lands
   on ln(classes) (``governor_lobotomy``). The Governor only calls that a lobotomy when its recent
   losses average below 0.6·ln(classes), so schedule it after the loss has fallen that far.
+* ``lr_storm`` — a recurring fault: the schedule holds the learning rate at ``lr_storm_factor``
+  times its value for ``lr_storm_steps`` steps, rollback or not, as a bad warm-up or a
+  mis-set scheduler would. A plain rollback walks straight back into it; the demo's
+  :class:`tolaria.RecoveryPolicy` backs the learning rate off and gets through.
 """
 
 from __future__ import annotations
@@ -42,17 +46,22 @@ FAULT_KINDS: dict[str, str] = {
     "inf_grad": "an Inf in a gradient",
     "lr_blowup": "learning rate multiplied until the loss diverges",
     "lobotomy": "output layer zeroed (uniform predictions)",
+    "lr_storm": "learning rate held high by the schedule for many steps (recurring)",
 }
 #: Where ``default`` puts the four kinds, as fractions of the run.
 DEFAULT_FAULT_FRACTIONS: tuple[tuple[str, float], ...] = (
-    ("nan_weight", 0.2),
-    ("inf_grad", 0.4),
-    ("lr_blowup", 0.6),
-    ("lobotomy", 0.8),
+    ("nan_weight", 0.15),
+    ("inf_grad", 0.3),
+    ("lr_blowup", 0.45),
+    ("lobotomy", 0.6),
+    ("lr_storm", 0.7),
 )
 #: Large enough that one SGD update throws a trained classifier's loss past the absolute
 #: threshold (12 nats) on both demo tasks.
 DEFAULT_LR_BLOWUP_FACTOR = 1000.0
+#: The storm: how much the schedule raises the learning rate, and for how many steps.
+DEFAULT_LR_STORM_FACTOR = 100.0
+DEFAULT_LR_STORM_STEPS = 30
 
 _ITEM = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>[+-]?\d+)$")
 
@@ -73,7 +82,7 @@ class ScheduledFault:
 
 
 def default_fault_schedule(steps: int) -> tuple[ScheduledFault, ...]:
-    """The four kinds at 20/40/60/80% of ``steps``."""
+    """The five kinds at 15/30/45/60/70% of ``steps``."""
     return tuple(ScheduledFault(int(steps * fraction), kind) for kind, fraction in DEFAULT_FAULT_FRACTIONS)
 
 
@@ -163,19 +172,30 @@ class FaultInjector:
         schedule: Iterable[ScheduledFault],
         *,
         lr_blowup_factor: float = DEFAULT_LR_BLOWUP_FACTOR,
+        lr_storm_factor: float = DEFAULT_LR_STORM_FACTOR,
+        lr_storm_steps: int = DEFAULT_LR_STORM_STEPS,
     ) -> None:
         if not lr_blowup_factor > 1.0:
             raise ValueError(f"lr_blowup_factor must be > 1, got {lr_blowup_factor!r}")
+        if not lr_storm_factor > 1.0:
+            raise ValueError(f"lr_storm_factor must be > 1, got {lr_storm_factor!r}")
+        if isinstance(lr_storm_steps, bool) or not isinstance(lr_storm_steps, int) or lr_storm_steps < 1:
+            raise ValueError(f"lr_storm_steps must be an int >= 1, got {lr_storm_steps!r}")
         self.model = model
         self.optimizer = optimizer
         self.by_step = {fault.step: fault for fault in schedule}
         self.lr_blowup_factor = float(lr_blowup_factor)
+        self.storm = StormSchedule(optimizer, float(lr_storm_factor), lr_storm_steps)
         self._saved_lrs: list[tuple[dict[str, object], object]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def inject(self, step: int) -> ScheduledFault | None:
-        """Inject the fault scheduled for ``step``, if any, and return it."""
+        """Apply a storm in progress, inject the fault scheduled for ``step``, if any, and
+        return it."""
         fault = self.by_step.get(step)
+        if fault is not None and fault.kind == "lr_storm":
+            self.storm.start(step)
+        self.storm.apply(step)
         if fault is None:
             return None
         if fault.kind == "nan_weight":
@@ -192,7 +212,7 @@ class FaultInjector:
             with torch.no_grad():
                 for param in output_layer(self.model):
                     param.zero_()
-        else:  # parse_fault_spec only produces known kinds
+        elif fault.kind != "lr_storm":  # parse_fault_spec only produces known kinds
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         return fault
 
@@ -212,6 +232,36 @@ class FaultInjector:
         return restored
 
 
+class StormSchedule:
+    """The learning-rate schedule of an ``lr_storm``: ``factor`` times the base rates for
+    ``steps`` steps from :meth:`start`, whatever happens in between (rollbacks included), then
+    the base rates again. Set before each step, as a scheduler would."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: float, steps: int) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self.steps = steps
+        self.until: int | None = None
+        self._base: list[object] = []
+
+    def start(self, step: int) -> None:
+        if self.until is None:
+            self._base = [group["lr"] for group in self.optimizer.param_groups]
+        self.until = step + self.steps
+
+    def active(self, step: int) -> bool:
+        return self.until is not None and step < self.until
+
+    def apply(self, step: int) -> None:
+        if self.until is None:
+            return
+        storming = step < self.until
+        for group, base in zip(self.optimizer.param_groups, self._base, strict=True):
+            group["lr"] = base * self.factor if storming else base  # type: ignore[operator]
+        if not storming:
+            self.until = None
+
+
 def _poison_gradient(grad: torch.Tensor) -> torch.Tensor:
     poisoned = grad.clone()
     poisoned.view(-1)[0] = float("inf")
@@ -220,6 +270,9 @@ def _poison_gradient(grad: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "DEFAULT_LR_BLOWUP_FACTOR",
+    "DEFAULT_LR_STORM_FACTOR",
+    "DEFAULT_LR_STORM_STEPS",
+    "StormSchedule",
     "FAULT_KINDS",
     "FaultInjector",
     "FaultSpecError",

@@ -100,14 +100,15 @@ def fault_table(result: DemoResult) -> Table:
         box=box.SIMPLE_HEAD,
         caption=(
             f"steps are 0-based; losses (nats) are means over {result.recovery_window} steps; "
-            "reasons without their governor_ prefix"
+            "reasons without their governor_ prefix; (plain: N) = rollbacks of the same storm "
+            "with plain rollbacks and no recovery policy"
         ),
     )
     table.add_column("fault", no_wrap=True)
     for header in ("injected at", "caught at"):
         table.add_column(header, justify="right")
     table.add_column("reason", no_wrap=True)
-    for header in ("rollback", "loss before", "loss after"):
+    for header in ("rollback", "rollbacks", "loss before", "loss after"):
         table.add_column(header, justify="right")
     table.add_column("result", no_wrap=True)
     for record in result.faults:
@@ -123,6 +124,8 @@ def fault_table(result: DemoResult) -> Table:
             "-" if record.detected_step is None else str(record.detected_step),
             short_reason(record.reason),
             "-" if math.isnan(record.rollback_ms) else f"{record.rollback_ms:.2f} ms",
+            str(record.rollbacks)
+            + ("" if record.plain_rollbacks is None else f" (plain: {record.plain_rollbacks})"),
             _num(record.loss_before),
             _num(record.loss_after),
             status,
@@ -145,6 +148,14 @@ def render_summary(result: DemoResult, console: Console) -> None:
         f"Snapshots: {result.snapshots_committed} committed, {result.snapshots_rejected} rejected "
         f"(every {result.snapshot_every} healthy steps, {result.snapshot_backend or 'unknown'} backend)"
     )
+    for record in result.faults:
+        if record.escaped is not None:
+            verdict = "escaped" if record.escaped else "did NOT do better than plain rollbacks"
+            console.print(
+                f"Recurring fault {record.kind}@{record.injected_step}: the recovery policy {verdict}, "
+                f"{record.rollbacks} rollback(s); the same storm with plain rollbacks took "
+                f"{record.plain_rollbacks}"
+            )
     seed = "; ".join(f"step {step}: {text}" for step, text in result.seed_events[-1:])
     console.print(f"Seed: {result.seed_stage}" + (f" ({seed})" if seed else ""))
     if result.unattributed_rollbacks:
@@ -202,6 +213,15 @@ def write_plot(result: DemoResult, path: Path) -> Path:
             zorder=4,
             label="rollback",
         )
+    for record in result.faults:
+        if record.hold_until is None:
+            continue
+        axes.axvspan(record.injected_step, record.hold_until, color="tab:orange", alpha=0.12,
+                     label="learning-rate storm")  # fmt: skip
+        if record.plain_rollback_steps:
+            axes.scatter(record.plain_rollback_steps, [top / 1.6] * len(record.plain_rollback_steps),
+                         marker="v", s=40, facecolors="none", edgecolors="tab:purple", zorder=4,
+                         label=f"plain rollbacks in the storm ({record.plain_rollbacks})")  # fmt: skip
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats, log scale)")
     axes.set_title(f"tolaria demo: {result.task}, {len(rollbacks)} rollback(s)")

@@ -44,6 +44,11 @@ class FaultRecord:
     loss_after: float = math.nan
     recovered: bool = False
     note: str = ""
+    #: A recurring fault (``lr_storm``): recovery is judged only from this step on, when it ends.
+    hold_until: int | None = None
+    #: The same storm under plain rollbacks (the demo's control run): how many, and when.
+    plain_rollbacks: int | None = None
+    plain_rollback_steps: list[int] = field(default_factory=list)
 
     @property
     def detected(self) -> bool:
@@ -53,6 +58,14 @@ class FaultRecord:
     def ok(self) -> bool:
         """Detected, rolled back and recovered."""
         return self.detected and self.recovered
+
+    @property
+    def escaped(self) -> bool | None:
+        """For a storm: whether the policy needed fewer rollbacks than plain rollbacks (None
+        when there was no control run)."""
+        if self.plain_rollbacks is None:
+            return None
+        return self.rollbacks < self.plain_rollbacks
 
     def failure_message(self) -> str | None:
         """Why this fault failed the run, naming it; None when it is :attr:`ok`."""
@@ -89,6 +102,12 @@ class FaultTracker:
         self._after = []
         return record
 
+    def plain_rollbacks(self, count: int, steps: list[int]) -> None:
+        """The control run's rollbacks so far for the storm in flight (see :mod:`tolaria.demo.twin`)."""
+        storms = [record for record in self.records if record.hold_until is not None]
+        if storms:
+            storms[-1].plain_rollbacks, storms[-1].plain_rollback_steps = count, list(steps)
+
     def on_outcome(self, outcome: StepOutcome) -> None:
         """Feed one guarded step's outcome (call after :meth:`on_inject` for that step)."""
         record = self._current
@@ -103,7 +122,8 @@ class FaultTracker:
             record.rollbacks += 1
             self._after = []  # recovery is measured from the last rollback
             return
-        if record is not None and record.detected:
+        holding = record is not None and record.hold_until is not None and outcome.step < record.hold_until
+        if record is not None and record.detected and not holding:
             self._after.append(outcome.loss)
             if len(self._after) >= self.recovery_window:
                 self._judge_recovery(record)

@@ -23,15 +23,19 @@ import torch
 from tolaria import telemetry as tm
 from tolaria.demo.faults import (
     DEFAULT_LR_BLOWUP_FACTOR,
+    DEFAULT_LR_STORM_FACTOR,
+    DEFAULT_LR_STORM_STEPS,
     FaultInjector,
     ScheduledFault,
     parse_fault_spec,
 )
 from tolaria.demo.results import DemoResult, FaultTracker
+from tolaria.demo.twin import PlainTwin
 from tolaria.environment import create_model, validate_device
 from tolaria.governor import TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.morphogenesis import MorphogeneticModel, SeedStage
+from tolaria.recovery import RecoveryPolicy
 from tolaria.tasks import TaskSpec, get_task_spec
 
 #: Default ``--steps`` per task: ~15 s on an idle 2-core CPU, about a minute while other jobs share it.
@@ -40,6 +44,8 @@ FALLBACK_STEPS = 300
 #: The seed the demo grows, per host kind: the cheapest blueprint of each.
 SEED_BLUEPRINTS: dict[str, str] = {"cnn": "conv_light", "transformer": "lora"}
 TELEMETRY_FILE = "telemetry.jsonl"
+#: The demo's recovery policy: a storm of 100x needs two backoffs of 10x to be survivable.
+DEMO_RECOVERY = RecoveryPolicy(lr_backoff=0.1, lr_recovery_steps=60, max_rollbacks=8)
 
 #: ``on_step(outcome, last_event)``: called after every step (the CLI's progress bar).
 StepCallback = Callable[[StepOutcome, str], None]
@@ -60,7 +66,10 @@ class DemoConfig:
     snapshot_every: int = 10
     batch_size: int | None = None
     lr_blowup_factor: float = DEFAULT_LR_BLOWUP_FACTOR
+    lr_storm_factor: float = DEFAULT_LR_STORM_FACTOR
+    lr_storm_steps: int = DEFAULT_LR_STORM_STEPS
     recovery_window: int = 5
+    recovery: RecoveryPolicy = DEMO_RECOVERY
 
     def resolved_steps(self) -> int:
         """``steps``, or the task's default; raises ValueError for steps < 1."""
@@ -217,7 +226,9 @@ def run_demo(config: DemoConfig, *, on_step: StepCallback | None = None) -> Demo
     sinks = [hub.add_sink(jsonl), hub.add_sink(tm.CallbackSink(events))]
     try:
         # Sinks first: the constructor's snapshot is the run's first event.
-        governor = TolariaGovernor(model, optimizer=optimizer, random_guess_loss=spec.random_guess_loss)
+        governor = TolariaGovernor(
+            model, optimizer=optimizer, random_guess_loss=spec.random_guess_loss, recovery=config.recovery
+        )
         guard = GuardedStep(
             governor,
             optimizer,
@@ -225,7 +236,11 @@ def run_demo(config: DemoConfig, *, on_step: StepCallback | None = None) -> Demo
             track_grad_norm=True,
             synchronize=device.type == "cuda",
         )
-        injector = FaultInjector(model, optimizer, schedule, lr_blowup_factor=config.lr_blowup_factor)
+        injector = FaultInjector(
+            model, optimizer, schedule, lr_blowup_factor=config.lr_blowup_factor,
+            lr_storm_factor=config.lr_storm_factor, lr_storm_steps=config.lr_storm_steps,
+        )  # fmt: skip
+        twin: PlainTwin | None = None
         tracker = FaultTracker(spec.random_guess_loss, config.recovery_window)
         lifecycle = SeedLifecycle(model, optimizer, slot, SEED_BLUEPRINTS[model.host.kind], steps)
         batches = spec.batches(config.batch_size, seed=config.seed, device=device)
@@ -235,9 +250,20 @@ def run_demo(config: DemoConfig, *, on_step: StepCallback | None = None) -> Demo
             inputs, targets = next(batches)
             fault = injector.inject(step)
             if fault is not None:
-                tracker.on_inject(fault)
+                record = tracker.on_inject(fault)
                 result.injected[step] = fault.kind
                 events.last = f"injected {fault.kind}"
+                if fault.kind == "lr_storm":
+                    # The control: the same storm from the same state, with plain rollbacks.
+                    record.hold_until = step + config.lr_storm_steps
+                    twin = PlainTwin(model, optimizer, injector.storm, step, governor,
+                                     random_guess_loss=spec.random_guess_loss,
+                                     snapshot_every=config.snapshot_every)  # fmt: skip
+            if twin is not None:
+                twin.step(step, partial(_forward_loss, spec, inputs=inputs, targets=targets))
+                tracker.plain_rollbacks(twin.rollbacks, twin.rollback_steps)
+                if not twin.active(step + 1):
+                    twin = None
             try:
                 outcome = guard(partial(_forward_loss, spec, model, inputs, targets))
             finally:
