@@ -93,6 +93,18 @@ def test_a_target_inside_the_runs_spread_is_said_to_be_unsettled() -> None:
     )
 
 
+def test_a_negative_overhead_is_not_read_as_a_speed_up() -> None:
+    rows = [_row("training-step/mlp-4-tensors", "unguarded", 0.010),
+            _row("training-step/mlp-4-tensors", "guarded-blocking", 0.009),
+            _row("training-step/mlp-4-tensors", "guarded-deferred", 0.011)]  # fmt: skip
+    verdict = _by_name(_payload("cpu", rows))["guard-overhead-4-cpu"]
+    assert verdict.status == goals.MET
+    assert verdict.measured == (
+        "guarded-blocking \u221210.0 % (below unguarded: noise or drift, not a speed-up), "
+        "guarded-deferred +10.0 % at the median"
+    )
+
+
 def test_older_files_and_unfinished_rows() -> None:
     # bench.json from before device_type: the device's name says where it ran.
     rows = [_row("snapshot/gpt2-small", "governor-snapshot-host", 0.001),
@@ -152,9 +164,11 @@ def test_speed_and_limit_lines() -> None:
     assert wording.limit_line("s", limit, _timed("native", 0.010), "one copy") == (
         "s: the native store reaches 90 % of the limit (one copy)"
     )
-    assert "within this run's noise (99 % at the median)" in wording.limit_line(
-        "s", limit, _timed("native", 0.00909), "one copy"
+    assert wording.limit_line("s", limit, _timed("native", 0.00909), "one copy") == (
+        "s: the native store reaches 99 % of the limit (one copy) at the median; the p10–p90 ranges "
+        "overlap, so this run cannot tell them apart"
     )
     above = wording.limit_line("s", limit, _timed("native", 0.0033), "one copy")
     assert "ran at 273 % of the limit's speed" in above and "no ceiling in this run" in above
     assert wording.percent(-0.349, signed=True) == "\u221234.9 %"
+    assert [wording.share_percent(x) for x in (0.94, 0.012, 0.00035)] == ["94 %", "1.2 %", "0.035 %"]

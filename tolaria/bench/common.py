@@ -163,7 +163,8 @@ def device_label(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def _format_seconds(seconds: float) -> str:

@@ -139,6 +139,8 @@ def judge(goal: Goal, payload: Mapping[str, Any]) -> Verdict:
             value = row.median_s / base.median_s - 1
             low, high = row.p10_s / base.p90_s - 1, row.p90_s / base.p10_s - 1
             ok, text = value <= goal.target, f"{variant} {_percent(value, signed=True)}"
+            if value < 0:  # a guarded step cannot be cheaper than the unguarded one
+                text += f" (below {goal.baseline}: noise or drift, not a speed-up)"
         elif goal.kind == "host-seconds":
             value, low, high = row.median_s, row.p10_s, row.p90_s
             ok, text = value <= goal.target, f"{value * 1e6:.1f} µs"

@@ -43,6 +43,13 @@ def percent(fraction: float, *, signed: bool = False, digits: int = 1) -> str:
     return text.replace("-", MINUS)
 
 
+def share_percent(share: float) -> str:
+    """A share of the limit: ``0.94`` → ``"94 %"``, ``0.012`` → ``"1.2 %"``, ``0.00035`` → ``"0.035 %"``."""
+    if share >= 0.1:
+        return f"{share * 100:.0f} %"
+    return f"{share * 100:.1f} %" if share >= 0.01 else f"{share * 100:.2g} %"
+
+
 def times(ratio: float) -> str:
     """A speed ratio: one decimal from 2× up, two below (``1.04×`` is not ``1.0×``)."""
     return f"{ratio:.1f}×" if ratio >= 2 else f"{ratio:.2f}×"
@@ -84,13 +91,16 @@ def speed_line(scenario: str, base: Measurement, candidate: Measurement, note: s
 def limit_line(scenario: str, limit: Measurement, candidate: Measurement, limit_name: str) -> str:
     """The share of the physical limit's speed that ``candidate`` reaches (where a limit exists).
 
-    Above 100 % the run's limit was no ceiling (a noisy repetition, or a copy that used fewer
-    threads than the engine): the line says so rather than claim to beat physics."""
+    Above 100 % (outside the noise) the run's limit was no ceiling (a noisy repetition, or a
+    copy that used fewer threads than the engine): the line says so rather than claim to beat
+    physics."""
     share = limit.median_s / candidate.median_s
-    name, shown = label(candidate.variant), f"{share * 100:.0f} %"
+    name, shown = label(candidate.variant), share_percent(share)
     if inside_noise(limit, candidate):
-        noise = f"within this run's noise ({shown} at the median)"
-        return f"{scenario}: {name} matches the limit ({limit_name}) {noise}"
+        return (
+            f"{scenario}: {name} reaches {shown} of the limit ({limit_name}) at the median; the p10–p90 "
+            "ranges overlap, so this run cannot tell them apart"
+        )
     if share > 1:
         return (
             f"{scenario}: {name} ran at {shown} of the limit's speed ({limit_name}): that limit was no "
@@ -113,6 +123,7 @@ __all__ = [
     "overhead_line",
     "percent",
     "share_line",
+    "share_percent",
     "speed_line",
     "times",
 ]
