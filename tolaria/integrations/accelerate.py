@@ -36,7 +36,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+
+try:
+    from accelerate import Accelerator
+except ImportError as error:  # the extra is optional: say which one to install
+    raise ImportError(
+        "tolaria.integrations.accelerate needs accelerate: pip install 'tolaria[accelerate]'"
+    ) from error
 
 from tolaria.hooks import DEFAULT_SCALER_OVERFLOW_LIMIT, StepOutcome
 from tolaria.integrations._common import GovernedRun

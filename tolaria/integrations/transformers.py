@@ -38,7 +38,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:  # the extra is optional: say which one to install
+    raise ImportError(
+        "tolaria.integrations.transformers needs transformers: pip install 'tolaria[transformers]'"
+    ) from error
 
 from tolaria.hooks import DEFAULT_SCALER_OVERFLOW_LIMIT, StepOutcome
 from tolaria.integrations._common import GovernedRun
