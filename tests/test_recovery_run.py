@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria import GuardedStep, RecoveryPolicy, TolariaGovernor, TrainingAborted, load_last_good
+from tolaria import GuardedStep, RecoveryPolicy, SkipList, TolariaGovernor, TrainingAborted, load_last_good
 from tolaria.telemetry import TelemetryEvent, TelemetryEventType
 
 STORM = range(20, 50)  # the steps whose scheduled learning rate is 200x the base
@@ -119,3 +119,75 @@ def test_shadow_mode_detects_and_counts_but_changes_no_tensor(events: list[Telem
     for a, b in zip(plain.state_dict().values(), shadow.state_dict().values(), strict=True):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()  # same bits, NaNs included
     assert [e.event_type for e in events].count(TelemetryEventType.RECOVERY_OBSERVED) == observed
+
+
+def test_guarded_steps_record_the_abandoned_batches_for_a_resumed_run(
+    tmp_path: Path, events: list[TelemetryEvent]
+) -> None:
+    model, opt, storm = _model()
+    x, y = _data()
+    gov = TolariaGovernor(model, optimizer=opt, random_guess_loss=math.log(4), absolute_threshold=3.0,
+                          recovery=RecoveryPolicy())  # fmt: skip
+    skip_file = tmp_path / "skip.json"
+    guard = GuardedStep(gov, opt, snapshot_every=5, skip_file=skip_file)
+    abandoned: list[int] = []
+    for step in range(60):
+        batch = _batch(step)
+        outcome = guard(lambda: nn.functional.cross_entropy(model(x[batch]), y[batch]), batch_id=step)  # noqa: B023
+        if outcome.rolled_back:
+            assert outcome.recovery_action.startswith("lr_backoff") and outcome.skipped_batches
+            assert outcome.skipped_batches[-1] == step  # the window ends with the sick step
+            abandoned += outcome.skipped_batches
+        storm.step()
+    assert abandoned and list(SkipList(skip_file)) == abandoned
+    payloads = [e.data for e in events if e.event_type is TelemetryEventType.GOVERNOR_ROLLBACK]
+    assert [b for p in payloads for b in p.skipped_batches] == abandoned  # type: ignore[union-attr]
+    assert gov.recovery_stats.skipped_batches == len(abandoned)
+    resumed = [step for step in SkipList(skip_file).filter(range(60))]
+    assert set(resumed) == set(range(60)) - set(abandoned)
+
+
+def test_without_batch_ids_nothing_is_recorded_and_nothing_breaks(tmp_path: Path) -> None:
+    rollbacks, _, gov = _run(RecoveryPolicy(), steps=60)
+    assert rollbacks > 0 and gov.recovery_stats.skipped_batches == 0
+
+
+def test_shadow_mode_through_guarded_steps_trains_exactly_as_unguarded() -> None:
+    def train(policy: RecoveryPolicy | None) -> tuple[nn.Module, list[str]]:
+        model, opt, storm = _model()
+        x, y = _data()
+        guard = None
+        if policy is not None:
+            gov = TolariaGovernor(model, optimizer=opt, random_guess_loss=math.log(4), absolute_threshold=3.0,
+                                  recovery=policy)  # fmt: skip
+            guard = GuardedStep(gov, opt, snapshot_every=5)
+        actions = []
+        for step in range(40):
+            batch = _batch(step)
+
+            def loss() -> torch.Tensor:
+                return nn.functional.cross_entropy(model(x[batch]), y[batch])  # noqa: B023
+
+            if guard is None:
+                opt.zero_grad(set_to_none=True)
+                loss().backward()
+                opt.step()
+            else:
+                outcome = guard(loss)
+                assert not outcome.rolled_back and outcome.stepped
+                actions.append(outcome.recovery_action)
+            storm.step()
+        return model, actions
+
+    plain, _ = train(None)
+    shadow, actions = train(RecoveryPolicy(mode="observe"))
+    assert "observed" in actions
+    for a, b in zip(plain.state_dict().values(), shadow.state_dict().values(), strict=True):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()
+
+
+def test_track_grad_norm_must_be_a_bool() -> None:
+    model, opt, _ = _model()
+    gov = TolariaGovernor(model, optimizer=opt)
+    with pytest.raises(TypeError, match="track_grad_norm must be True or False"):
+        GuardedStep(gov, opt, track_grad_norm=1)  # type: ignore[arg-type]

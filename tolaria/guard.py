@@ -54,6 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -90,6 +91,12 @@ class GuardedStep:
         scaler: a ``torch.amp.GradScaler`` that this step owns: it scales, unscales, steps and
             updates (see the module docstring). None, or a disabled scaler: no scaling.
         scaler_overflow_limit: overflows in a row that become a ``governor_scaler_overflow`` panic.
+        skip_file: where the batches a rollback abandons are recorded for a resumed run (see
+            :class:`tolaria.SkipList`); pass each step's ``batch_id``. None: not written.
+
+    A Governor with a :class:`tolaria.RecoveryPolicy` applies it after every rollback
+    (``StepOutcome.recovery_action``); in shadow mode (``mode="observe"``) a panic is reported in
+    the outcome and the step goes on exactly as it would unguarded.
 
     Raises:
         TypeError: ``governor``, ``optimizer``, ``scaler``, ``backward`` or ``deferred`` has the
@@ -113,6 +120,7 @@ class GuardedStep:
         backward: Callable[[torch.Tensor], object] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         scaler_overflow_limit: int = DEFAULT_SCALER_OVERFLOW_LIMIT,
+        skip_file: str | Path | None = None,
     ) -> None:
         if not isinstance(governor, TolariaGovernor):
             raise TypeError(f"governor must be a TolariaGovernor, got {type(governor).__name__}")
@@ -125,7 +133,7 @@ class GuardedStep:
         self.hook = TrainerHook(
             governor, optimizer, snapshot_every=snapshot_every, scaler=scaler,
             scaler_overflow_limit=scaler_overflow_limit, track_grad_norm=track_grad_norm,
-            synchronize=synchronize, env_id=env_id, deferred=deferred,
+            synchronize=synchronize, env_id=env_id, deferred=deferred, skip_file=skip_file,
         )  # fmt: skip
         self.governor = governor
         self.optimizer = optimizer
@@ -145,8 +153,11 @@ class GuardedStep:
     def deferred(self) -> bool:
         return self.hook.deferred
 
-    def __call__(self, closure: Callable[[], torch.Tensor]) -> StepOutcome:
+    def __call__(self, closure: Callable[[], torch.Tensor], *, batch_id: object = None) -> StepOutcome:
         """Run one guarded step; ``closure()`` does the forward pass and returns the scalar loss.
+        ``batch_id``: this batch's identity (any JSON-serialisable value), recorded so that a
+        rollback can name the batches it abandons (the event, ``StepOutcome.skipped_batches``,
+        ``skip_file``); without it nothing is recorded.
 
         Raises whatever the closure, backward or the optimizer raise, and the RuntimeError of
         ``execute_rollback`` (no Last Known Good, architecture drift).
@@ -159,7 +170,7 @@ class GuardedStep:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise TypeError(f"the closure must return a one-element loss tensor, got {shape}")
         # The loss is read here (the forward's device sync is the forward's cost, not the Governor's).
-        pending = hook.begin(loss, started=start)
+        pending = hook.begin(loss, started=start, batch_id=batch_id)
         early = pending.check_loss()  # a sick loss is rolled back before its backward runs
         if early is not None:
             return early

@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
 from tolaria import amp
-from tolaria.governor import SnapshotInfo, TolariaGovernor
+from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
 from tolaria.optim import unwrap_optimizer
 from tolaria.outcome import StepOutcome
+from tolaria.recovery.skiplist import BatchLog, append_to_skip_file
 
 #: The panic reason of ``scaler_overflow_limit`` GradScaler overflows in a row.
 REASON_SCALER_OVERFLOW = "governor_scaler_overflow"
@@ -84,6 +86,9 @@ class TrainerHook:
         scaler: the run's ``torch.amp.GradScaler``, if any (a disabled one counts as none).
         scaler_overflow_limit: overflows in a row that become a ``governor_scaler_overflow`` panic.
         track_grad_norm, synchronize, env_id, deferred: as for :class:`tolaria.guard.GuardedStep`.
+        skip_file: a JSON file the identities of abandoned batches are appended to at every
+            rollback (atomically), for :class:`tolaria.SkipList` in a resumed run; needs
+            ``batch_id`` in :meth:`after_backward`/:meth:`begin`. None: not written.
 
     Raises:
         TypeError: ``governor``, ``optimizer``, ``scaler`` or ``deferred`` has the wrong type.
@@ -104,6 +109,7 @@ class TrainerHook:
         synchronize: bool = False,
         env_id: int = 0,
         deferred: bool = False,
+        skip_file: str | Path | None = None,
     ) -> None:
         if not isinstance(governor, TolariaGovernor):
             raise TypeError(f"governor must be a TolariaGovernor, got {type(governor).__name__}")
@@ -135,6 +141,8 @@ class TrainerHook:
         self.optimizer = optimizer
         self.loss_scale = check_loss_scale(loss_scale)
         self.scaler_overflow_limit = check_count("scaler_overflow_limit", scaler_overflow_limit)
+        if not isinstance(track_grad_norm, bool):
+            raise TypeError(f"track_grad_norm must be True or False, got {type(track_grad_norm).__name__}")
         self.track_grad_norm = track_grad_norm
         self.env_id = env_id
         self.deferred = deferred
@@ -143,6 +151,11 @@ class TrainerHook:
         self.overflow_streak = 0
         self._real_optimizer = real
         self._healthy_since_snapshot = 0
+        if skip_file is not None and not isinstance(skip_file, (str, Path)):
+            raise TypeError(f"skip_file must be a path or None, got {type(skip_file).__name__}")
+        self.skip_file = None if skip_file is None else Path(skip_file)
+        #: Batches seen since the Last Known Good (their identities, when the loop passes them).
+        self.batches = BatchLog()
         self._sync = synchronize and any(p.is_cuda for p in governor.model.parameters())
 
     def now(self) -> float:
@@ -157,18 +170,21 @@ class TrainerHook:
         *,
         last_micro_batch: bool = True,
         loss_scale: float | None = None,
+        batch_id: object = None,
     ) -> StepOutcome:
         """Judge the step whose backward just ran (see the module docstring), roll back if it is
         sick, snapshot when due. ``loss``: the loss that was backpropagated, unscaled by any
         GradScaler (a one-element tensor or a number; None when the trainer does not expose it:
         the loss is then not judged); ``last_micro_batch``: whether the optimizer steps after
         this backward (False for the micro-batches before it in gradient accumulation);
-        ``loss_scale``: overrides the hook's for this call.
+        ``loss_scale``: overrides the hook's for this call; ``batch_id``: this batch's identity
+        (any JSON-serialisable value: a sampler index, a shard offset) for the skip list.
 
         Raises TypeError for a bad ``loss``, ValueError for ``last_micro_batch=False`` in deferred
         mode, and the RuntimeError of ``execute_rollback`` (no Last Known Good, architecture drift).
         """
-        return self.begin(loss, loss_scale=loss_scale).after_backward(last_micro_batch=last_micro_batch)
+        pending = self.begin(loss, loss_scale=loss_scale, batch_id=batch_id)
+        return pending.after_backward(last_micro_batch=last_micro_batch)
 
     def begin(
         self,
@@ -176,12 +192,16 @@ class TrainerHook:
         *,
         loss_scale: float | None = None,
         started: float | None = None,
+        batch_id: object = None,
     ) -> PendingStep:
         """Start judging one step: read the loss (times ``loss_scale``) now. ``started``: the
-        :meth:`now` at which the caller's step began (default: now). Raises TypeError for a loss
-        that is neither None, a number nor a one-element tensor."""
+        :meth:`now` at which the caller's step began (default: now); ``batch_id``: see
+        :meth:`after_backward`. Raises TypeError for a loss that is neither None, a number nor a
+        one-element tensor, or a ``batch_id`` that is not JSON-serialisable."""
         start = self.now() if started is None else started
         scale = self.loss_scale if loss_scale is None else check_loss_scale(loss_scale)
+        if batch_id is not None:
+            self.batches.saw(batch_id)
         step = self.steps_taken
         self.steps_taken += 1
         if loss is None:
@@ -232,11 +252,14 @@ class PendingStep:
         self._loss_judged = False
         self._check = 0.0
         self._grad_norm: float | None = None
+        #: Shadow mode: the report of the rollback that was not done (the step goes on).
+        self._observed: GovernorReport | None = None
 
     def check_loss(self) -> StepOutcome | None:
         """Judge the loss (``check_vital_signs``): the rolled-back outcome on a panic (the step is
-        over; with no backward run yet, nothing is left to undo), None otherwise. Does nothing in
-        deferred mode or without a loss (the loss is then judged, if at all, after backward)."""
+        over; with no backward run yet, nothing is left to undo), None otherwise (also in shadow
+        mode, where the step goes on). Does nothing in deferred mode or without a loss (the loss
+        is then judged, if at all, after backward)."""
         hook = self.hook
         if self._loss_judged or self._loss is None or hook.deferred:
             return None
@@ -244,7 +267,7 @@ class PendingStep:
         mark = hook.now()
         panicked = hook.governor.check_vital_signs(self.loss_value)
         self._check += hook.now() - mark
-        return self._roll_back(mark_overflow=False) if panicked else None
+        return self._roll_back(mark_overflow=False) if panicked else None  # None in shadow mode too
 
     def after_backward(self, *, last_micro_batch: bool = True) -> StepOutcome:
         """Judge the rest of the step once backward has run (the loss too, unless
@@ -262,8 +285,8 @@ class PendingStep:
             mark = hook.now()
             panicked = hook.governor.check_vital_signs(self.loss_value)
             self._check += hook.now() - mark
-            if panicked:
-                return self._roll_back(mark_overflow=last_micro_batch)
+            if panicked and (out := self._roll_back(mark_overflow=last_micro_batch)) is not None:
+                return out
         if not last_micro_batch:
             return self._outcome(stepped=False, accumulating=True)
         with amp.true_units(hook.scaler, hook.optimizer) as overflow:
@@ -276,8 +299,8 @@ class PendingStep:
             if hook.track_grad_norm:  # the check's own norm when it read the gradients: no second pass
                 norm = hook.governor.last_grad_norm
                 self._grad_norm = norm if norm is not None else hook._grad_norm()
-        if panicked:
-            return self._roll_back(mark_overflow=True)
+        if panicked and (out := self._roll_back(mark_overflow=True)) is not None:
+            return out
         return self._finish()
 
     def _observe(self) -> StepOutcome:
@@ -290,7 +313,9 @@ class PendingStep:
         mark = hook.now()
         panicked = hook.governor.observe(loss, step=self.step)
         self._check += hook.now() - mark
-        return self._roll_back(mark_overflow=False) if panicked else self._finish()
+        if panicked and (out := self._roll_back(mark_overflow=False)) is not None:
+            return out
+        return self._finish()
 
     def _overflow(self) -> StepOutcome:
         hook = self.hook
@@ -301,7 +326,8 @@ class PendingStep:
         # then reports this reason and loss, in its report and in its one telemetry event.
         hook.governor._panic_reason = REASON_SCALER_OVERFLOW
         hook.governor._panic_loss = self.loss_value
-        return self._roll_back(mark_overflow=True)
+        out = self._roll_back(mark_overflow=True)
+        return out if out is not None else self._outcome(stepped=False, scaler_skipped=True)
 
     def _finish(self) -> StepOutcome:
         """The checks passed: snapshot when due."""
@@ -313,19 +339,34 @@ class PendingStep:
                 snapshot = hook.governor.snapshot()
                 seconds = hook.now() - mark
                 hook._healthy_since_snapshot = 0
+                if snapshot.committed is not False:  # the window a rollback abandons starts here
+                    hook.batches.committed(keep_last=True)
                 if hook.governor.pending_panic is not None:
                     # Resolving the previous capture judged a late verdict, and it panicked.
-                    return self._roll_back(mark_overflow=True, snapshot=snapshot, snapshot_seconds=seconds)
+                    out = self._roll_back(mark_overflow=True, snapshot=snapshot, snapshot_seconds=seconds)
+                    if out is not None:
+                        return out
                 return self._outcome(stepped=True, snapshot=snapshot, snapshot_seconds=seconds)
         return self._outcome(stepped=True)
 
     def _roll_back(
         self, *, mark_overflow: bool, snapshot: SnapshotInfo | None = None, snapshot_seconds: float = 0.0
-    ) -> StepOutcome:
+    ) -> StepOutcome | None:
+        """Roll back (the step is over: its outcome), or, in shadow mode, record the rollback
+        that was not done and return None: the step goes on as if unguarded."""
         hook = self.hook
         mark = hook.now()
-        report = hook.governor.execute_rollback(env_id=hook.env_id, optimizer=hook.optimizer)
+        window = hook.batches.take_window()
+        report = hook.governor.execute_rollback(
+            env_id=hook.env_id, optimizer=hook.optimizer, skipped_batches=window
+        )
         rollback = hook.now() - mark
+        if not report.rollback_occurred:
+            self._observed = report
+            self._check += rollback
+            return None
+        if window and hook.skip_file is not None:
+            append_to_skip_file(hook.skip_file, window)
         hook._clear_gradients(mark_overflow=mark_overflow)
         # The model now IS the Last Known Good: count healthy steps from here.
         hook._healthy_since_snapshot = 0
@@ -338,6 +379,7 @@ class PendingStep:
             report=report, snapshot=snapshot, stepped=False, anomaly_streak=0, check_seconds=self._check,
             snapshot_seconds=snapshot_seconds, rollback_seconds=rollback,
             step_seconds=hook.now() - self._start, panic_step=panic_step,
+            recovery_action=report.recovery_action, skipped_batches=window,
         )  # fmt: skip
 
     def _outcome(
@@ -350,11 +392,14 @@ class PendingStep:
         accumulating: bool = False,
     ) -> StepOutcome:
         hook = self.hook
+        observed = self._observed  # shadow mode: a panic was seen and nothing was touched
         return StepOutcome(
-            step=self.step, loss=self.loss_value, grad_norm=self._grad_norm, panic_reason=None, report=None,
+            step=self.step, loss=self.loss_value, grad_norm=self._grad_norm,
+            panic_reason=None if observed is None else observed.panic_reason, report=observed,
             snapshot=snapshot, stepped=stepped, anomaly_streak=hook.governor.anomaly_streak,
             check_seconds=self._check, snapshot_seconds=snapshot_seconds, rollback_seconds=0.0,
             step_seconds=hook.now() - self._start, scaler_skipped=scaler_skipped, accumulating=accumulating,
+            recovery_action="" if observed is None else observed.recovery_action,
         )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ and by :meth:`tolaria.hooks.TrainerHook.after_backward`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tolaria.governor import GovernorReport, SnapshotInfo
 
@@ -24,7 +25,9 @@ class StepOutcome:
             ``governor_scaler_overflow``, ...), None for a healthy step.
         panic_step: the step whose checks found the fault: ``step`` itself in blocking mode, an
             earlier step when a deferred verdict arrived late; None for a healthy step.
-        report: the rollback's :class:`GovernorReport`, None when there was no rollback.
+        report: the rollback's :class:`GovernorReport`, None when there was no rollback (in shadow
+            mode, ``RecoveryPolicy(mode="observe")``, the report of the rollback that was NOT done:
+            ``report.rollback_occurred`` is False and the step went on as if unguarded).
         snapshot: the snapshot taken during this step, None when none was due.
         stepped: whether the optimizer step took effect: ``GuardedStep`` ran it; for
             :class:`TrainerHook`, the trainer's step that follows will update the weights (False
@@ -39,6 +42,11 @@ class StepOutcome:
         scaler_skipped: the GradScaler found an overflow and skips this optimizer step.
         accumulating: a micro-batch before the last of its accumulation window: only its loss
             was judged.
+        recovery_action: what the Governor's :class:`tolaria.RecoveryPolicy` did after this
+            step's rollback (``"lr_backoff"``, ``"lr_backoff+moment_reset"``, ``"observed"``);
+            ``""`` without a policy or a rollback.
+        skipped_batches: the batch identities (``batch_id``) of the window the rollback abandoned,
+            as recorded in the rollback event and the skip file.
     """
 
     step: int
@@ -56,11 +64,13 @@ class StepOutcome:
     panic_step: int | None = None
     scaler_skipped: bool = False
     accumulating: bool = False
+    recovery_action: str = ""
+    skipped_batches: tuple[Any, ...] = ()
 
     @property
     def rolled_back(self) -> bool:
         """True when this step ended in a rollback to the Last Known Good."""
-        return self.report is not None
+        return self.report is not None and self.report.rollback_occurred
 
     @property
     def healthy(self) -> bool:

@@ -113,7 +113,7 @@ def fault_table(result: DemoResult) -> Table:
     table.add_column("result", no_wrap=True)
     for record in result.faults:
         if record.ok:
-            status = "[green]recovered[/]" + (f" ({record.rollbacks}x)" if record.rollbacks > 1 else "")
+            status = "[green]recovered[/]"  # how many rollbacks it took has its own column
         elif record.detected:
             status = "[red]NOT recovered[/]"
         else:
