@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,10 +32,9 @@ from tolaria.constants import (
 from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
-from tolaria.lifecycle import LifecycleMutationVerdict, preflight_lifecycle_mutation
+from tolaria.governor_extras import GovernorExtras
 from tolaria.optim import unwrap_optimizer
 from tolaria.recovery.ladder import RecoveryLadder
-from tolaria.recovery.lkg_file import save_lkg
 from tolaria.recovery.policy import RecoveryPolicy
 from tolaria.restore_state import RestoreState
 from tolaria.rollback import (
@@ -48,7 +46,6 @@ from tolaria.rollback import (
     perform_rollback,
 )
 from tolaria.snapshot.entries import (
-    CaptureMeta,
     check_model_snapshottable,
     check_optimizer_params,
     device_of,
@@ -69,7 +66,7 @@ def _current_hub() -> TelemetryHub:
     return get_hub()
 
 
-class TolariaGovernor(GovernorAttributes):
+class TolariaGovernor(GovernorAttributes, GovernorExtras):
     """Watches one model, keeps its Last Known Good state, and rolls it back on failure.
 
     The positional signature is the original Governor's (a drop-in replacement). New options
@@ -375,35 +372,6 @@ class TolariaGovernor(GovernorAttributes):
             self._ladder = RecoveryLadder.rebind(
                 self._ladder, self.recovery, optimizer, hub_source=_current_hub, save_lkg=self._save_for_abort
             )
-
-    # -- the LKG on disk ------------------------------------------------------------------------
-    def save_last_good(self, path: str | Path, *, overwrite: bool = False, step: int | None = None) -> Path:
-        """Write the committed LKG (model and, when known, optimizer state) to the folder ``path``:
-        safetensors for the tensors plus a JSON manifest with a checksum per tensor
-        (:mod:`tolaria.recovery.lkg_file`; load it with :func:`tolaria.load_last_good`). Resolves
-        a pending capture first. Raises RuntimeError without a committed LKG, FileExistsError when
-        ``path`` exists and not ``overwrite``; a failed write leaves nothing that loads."""
-        self._resolve(drain=True)
-        saved, meta = self._store.last_good_state, self._store.lkg_meta
-        if saved is None or not isinstance(meta, CaptureMeta):
-            raise RuntimeError("no Last Known Good snapshot to save (no snapshot was ever committed)")
-        return save_lkg(path, saved, meta, step=step, overwrite=overwrite)
-
-    def _save_for_abort(self, path: Path) -> Path:
-        return self.save_last_good(path, overwrite=True, step=self._clock)
-
-    def recovery_healthy_step(self) -> None:
-        """Tell the recovery policy a step was healthy (warms the learning rate back)."""
-        if self._ladder is not None:
-            self._ladder.healthy_step()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    def preflight_lifecycle_mutation(self, **request: Any) -> LifecycleMutationVerdict:
-        """Approve or veto a seed-lifecycle mutation before the host applies it (esper-lite's
-        trainer asks before germinating, pruning, ...); see
-        :func:`tolaria.lifecycle.preflight_lifecycle_mutation` for the keyword arguments and the
-        rules. Raises TypeError for a missing or unknown argument."""
-        return preflight_lifecycle_mutation(**request)
 
     # -- punish / reset ------------------------------------------------------------------------
     def get_punishment_reward(self) -> float:
