@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,19 @@ def test_without_csv_only_the_out_folder_is_written(
         "out", "out/bench.json", "out/overhead.png",
     ]  # fmt: skip
     assert "rows appended" not in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_bench_still_runs_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(runner, "run_all", lambda device, quick, advance, save: (_rows(), []))
+    assert runner.run_command(_args(tmp_path / "out")) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json"]
+    assert (
+        "no overhead.png: matplotlib is not installed (pip install 'tolaria[bench]')"
+        in capsys.readouterr().err
+    )
 
 
 def test_csv_rows_are_appended_as_each_group_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

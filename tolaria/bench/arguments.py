@@ -24,7 +24,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda when available)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="fewer repetitions (about a minute on a 2-core CPU)"
+        "--quick", action="store_true", help="fewer repetitions and training windows"
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",

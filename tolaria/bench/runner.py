@@ -203,7 +203,9 @@ def run_command(args: argparse.Namespace) -> int:
         if plot_overheads(rows, plot, title=f"tolaria bench — {label}", baseline_of=baseline_of):
             wrote.append(str(plot))
         else:
-            console.print("no overhead.png: matplotlib is not installed (pip install 'tolaria[bench]')")
+            # markup=False: rich would read [bench] as a style tag and drop it.
+            console.print("no overhead.png: matplotlib is not installed (pip install 'tolaria[bench]')",
+                          markup=False)  # fmt: skip
     if csv_path is not None:
         wrote.append(f"{written} rows appended to {csv_path}")
     console.print("wrote " + ", ".join(wrote), markup=False)
