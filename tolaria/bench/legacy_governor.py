@@ -1,8 +1,9 @@
 """Our re-implementation of the original Governor's approach, the baseline of the benchmarks.
 
 It does what esper-lite's first Tolaria did, on purpose without any of tolaria's machinery:
-a pageable ``state_dict`` clone every snapshot (one device→host copy and one allocation per
-tensor, each blocking the host), a loss-only statistical monitor, and a Python loop of
+a pageable ``state_dict`` clone every snapshot (``v.detach().cpu().clone()``: per tensor, a
+blocking device→host copy into fresh pageable memory, then a host clone; on CPU the clone
+alone), a loss-only statistical monitor, and a Python loop of
 ``torch.isfinite(p).all()`` over the parameters (one reduction and one host sync per tensor).
 It exists only so that the bench can time the old way next to the new one in the same run.
 """
