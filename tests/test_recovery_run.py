@@ -191,3 +191,55 @@ def test_track_grad_norm_must_be_a_bool() -> None:
     gov = TolariaGovernor(model, optimizer=opt)
     with pytest.raises(TypeError, match="track_grad_norm must be True or False"):
         GuardedStep(gov, opt, track_grad_norm=1)  # type: ignore[arg-type]
+
+
+# -- README: "When a fault keeps coming back" runs as written ---------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_blocks() -> list[str]:
+    import re
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## When a fault keeps coming back: the recovery policy\n", 1)[1].split("\n## ", 1)[
+        0
+    ]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_recovery_snippets_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tolaria
+
+    monkeypatch.chdir(tmp_path)
+    training, resuming = _readme_blocks()
+    model, optimizer, storm = _model()
+    x, y = _data()
+    loader = []
+    for step in range(40):
+        batch = _batch(step)
+        loader.append((x[batch], y[batch]))
+
+    class StormyLoader(list):  # the storm raises the learning rate while the loop runs
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for item in super().__iter__():
+                yield item
+                storm.step()
+
+    names = {"tolaria": tolaria, "torch": torch, "model": model, "optimizer": optimizer,
+             "loader": StormyLoader(loader), "loss_fn": nn.functional.cross_entropy}  # fmt: skip
+    exec(compile(training, "README.md", "exec"), names)
+    printed = capsys.readouterr().out
+    assert "then lr_backoff" in printed and (tmp_path / "skip.json").exists()
+    skipped = list(SkipList(tmp_path / "skip.json"))
+    assert skipped and names["governor"].recovery_stats.skipped_batches == len(skipped)
+    dataset = list(range(40))
+    resumed = {"tolaria": tolaria, "torch": torch, "dataset": dataset}
+    exec(compile(resuming, "README.md", "exec"), resumed)
+    assert [int(i) for i in resumed["resumed"]] == [i for i in dataset if i not in skipped]
+    path = names["governor"].save_last_good("lkg/manual")
+    fresh, fresh_opt, _ = _model()
+    assert load_last_good(path, fresh, fresh_opt) is None
+    saved = names["governor"].last_good_state
+    assert all(torch.equal(value, saved[key]) for key, value in fresh.state_dict().items())
