@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -321,3 +322,16 @@ def test_an_unwritable_out_folder_is_named(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(arguments.tempfile, "TemporaryFile", refuse)
     problem = arguments.output_folder_problem(tmp_path / "out")
     assert problem == "the folder is not writable (Permission denied)"
+
+
+def test_the_readme_shows_the_bench_options_that_exist() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Benchmarks") :]
+    section = section[: section.index("\n## ", 1)]
+    usage = re.search(r"`tolaria bench ([^`]*)`", section)
+    assert usage is not None, "the Benchmarks section shows the command"
+    parser = runner.argparse.ArgumentParser()
+    arguments.add_bench_arguments(parser)
+    known = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
+    assert set(re.findall(r"--[a-z-]+", usage.group(1))) | {"--no-csv"} == known
+    assert "./tolaria-bench-out" in section and "--no-csv" in section
