@@ -91,3 +91,21 @@ def test_a_training_loop_refuses_an_unknown_variant() -> None:
     setup = training.mlp_setup("x", features=4, hidden=4, classes=2, batch=2)
     with pytest.raises(ValueError, match="variant must be one of"):
         training._Loop("tolaria", setup, "cpu", [])
+
+
+def test_the_rollback_scenario_restores_real_adamw_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    setup = training.mlp_setup("x", features=4, hidden=4, classes=2, batch=2)
+    monkeypatch.setattr(training, "setups_for", lambda device, quick: [setup])
+    captured: list[int] = []
+    original = training.TolariaGovernor
+
+    def governor(model: torch.nn.Module, **options: object) -> training.TolariaGovernor:
+        optimizer = options["optimizer"]
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        captured.append(len(optimizer.state))  # what the Governor's first snapshot captures
+        return original(model, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "TolariaGovernor", governor)
+    rows = training.rollback_rows("cpu", quick=True)
+    assert [r.variant for r in rows] == ["legacy-load-state-dict", "governor-rollback"]
+    assert captured == [4]  # every parameter has its moments

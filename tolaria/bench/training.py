@@ -258,6 +258,11 @@ def rollback_rows(device: str, quick: bool) -> list[Measurement]:
     torch.manual_seed(0)
     model = setup.model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # One step on zero gradients, so AdamW has its moments and step count to capture and restore.
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     nbytes = sum(t.nbytes for t in model.state_dict().values())
     legacy = LegacyGovernor(model)
     legacy.snapshot()
