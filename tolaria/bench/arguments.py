@@ -23,9 +23,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda when available)"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer repetitions and training windows"
-    )
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and training windows")
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
         help=f"folder for bench.json and overhead.png (default: ./{DEFAULT_OUT})",
