@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,10 +130,11 @@ def test_lr_blowup_is_undone_by_after_rollback() -> None:
 
 
 def outcome(step: int, loss: float, *, panic: str | None = None, streak: int = 0) -> StepOutcome:
-    report = object() if panic else None
+    report = SimpleNamespace(rollback_occurred=True) if panic else None  # a rollback's report, as it reads
     return StepOutcome(
-        step, loss, None, panic, report, None, panic is None, streak,  # type: ignore[arg-type]
-        0.0, 0.0, 0.002 if panic else 0.0, 0.01,
+        step=step, loss=loss, grad_norm=None, panic_reason=panic, report=report,  # type: ignore[arg-type]
+        snapshot=None, stepped=panic is None, anomaly_streak=streak, check_seconds=0.0,
+        snapshot_seconds=0.0, rollback_seconds=0.002 if panic else 0.0, step_seconds=0.01,
     )  # fmt: skip
 
 
