@@ -34,7 +34,7 @@ from torch import nn
 
 from tolaria.deferred import VerdictQueue
 from tolaria.distributed import LocalDecisions
-from tolaria.snapshot.entries import capture_contents
+from tolaria.snapshot.capture_plan import CapturePlans
 from tolaria.snapshot.store import Resolution, SnapshotStore
 from tolaria.watch import Panic, Watch
 
@@ -111,6 +111,9 @@ class CommitLifecycle:
         self.verdicts = verdicts
         self.watch = watch
         self._staged: _Staged | None = None
+        # What a capture holds, derived once and re-derived only when the model or optimizer
+        # changed (tolaria.snapshot.capture_plan): no state-dict walk per snapshot.
+        self.plans = CapturePlans()
 
     @property
     def state(self) -> CaptureState | None:
@@ -141,7 +144,7 @@ class CommitLifecycle:
         Raises what the capture raises; the group is then told this rank's capture failed, so
         its peers do not wait for a vote that never comes, and nothing is staged."""
         try:
-            contents = capture_contents(model, optimizer)
+            contents = self.plans.contents(model, optimizer)
             ticket = self.store.capture(contents.entries, meta=contents.meta)
             if order_stream:
                 self.store.make_stream_wait()

@@ -83,9 +83,11 @@ class CaptureMeta:
 class CaptureContents:
     """One capture, ready for :meth:`SnapshotStore.capture`: ``entries`` are the live model
     tensors followed by the optimizer-state tensors, ``meta`` goes along as the capture's meta,
-    ``excluded`` lists the state-dict keys of non-fossilized seeds that were left out."""
+    ``excluded`` lists the state-dict keys of non-fossilized seeds that were left out. A
+    :class:`tolaria.snapshot.capture_plan.CapturePlans` hands ``entries`` as one key → tensor
+    mapping, reused between captures while nothing changed (read-only)."""
 
-    entries: list[tuple[str, torch.Tensor]]
+    entries: list[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]
     meta: CaptureMeta
     excluded: tuple[str, ...]
 
