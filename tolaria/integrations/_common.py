@@ -133,4 +133,28 @@ class GovernedRun:
         self.counters = RunCounters(**{k: v for k, v in state.items() if k in known})
 
 
-__all__ = ["METRIC_NAMES", "GovernedRun", "RunCounters", "governor_option_names"]
+class RunView:
+    """What every integration shows of its :class:`GovernedRun` (``self.run``), written once."""
+
+    run: GovernedRun
+
+    @property
+    def governor(self) -> Any:
+        """The Governor of the current run (None before training starts)."""
+        return self.run.governor
+
+    @property
+    def rollbacks(self) -> int:
+        return self.run.counters.rollbacks
+
+    @property
+    def scaler_skips(self) -> int:
+        return self.run.counters.scaler_skips
+
+    @property
+    def last_panic_reason(self) -> str:
+        """The panic reason of the latest rollback ("" before any)."""
+        return self.run.counters.last_panic_reason
+
+
+__all__ = ["METRIC_NAMES", "GovernedRun", "RunCounters", "RunView", "governor_option_names"]

@@ -45,10 +45,10 @@ except ImportError as error:  # the extra is optional: say which one to install
     ) from error
 
 from tolaria.hooks import DEFAULT_SCALER_OVERFLOW_LIMIT, StepOutcome
-from tolaria.integrations._common import GovernedRun
+from tolaria.integrations._common import GovernedRun, RunView
 
 
-class TolariaHook:
+class TolariaHook(RunView):
     """Judges the steps of an ``Accelerator``-driven loop (see the module docstring).
 
     Args:
@@ -95,23 +95,6 @@ class TolariaHook:
         self.optimizer_steps = 0
         #: The latest call's outcome (None before the first).
         self.last_outcome: StepOutcome | None = None
-
-    @property
-    def governor(self) -> Any:
-        return self.run.governor
-
-    @property
-    def rollbacks(self) -> int:
-        return self.run.counters.rollbacks
-
-    @property
-    def scaler_skips(self) -> int:
-        return self.run.counters.scaler_skips
-
-    @property
-    def last_panic_reason(self) -> str:
-        """The panic reason of the latest rollback ("" before any)."""
-        return self.run.counters.last_panic_reason
 
     def after_backward(self, loss: torch.Tensor | float | None) -> StepOutcome:
         """Judge the micro-batch whose ``accelerator.backward(loss)`` just ran (``loss`` as given

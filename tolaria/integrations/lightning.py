@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from tolaria.hooks import DEFAULT_SCALER_OVERFLOW_LIMIT, StepOutcome
-from tolaria.integrations._common import GovernedRun
+from tolaria.integrations._common import GovernedRun, RunView
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -54,7 +54,7 @@ def _callback_bases() -> tuple[type, ...]:
         ) from error
 
 
-class TolariaCallback(*_callback_bases()):  # type: ignore[misc]
+class TolariaCallback(RunView, *_callback_bases()):  # type: ignore[misc]
     """Watches a Lightning run with a :class:`tolaria.TolariaGovernor` (see the module docstring).
 
     Args:
@@ -85,24 +85,6 @@ class TolariaCallback(*_callback_bases()):  # type: ignore[misc]
         self._pending_loss: torch.Tensor | None = None
         #: The latest step's outcome (None before the first judged step).
         self.last_outcome: StepOutcome | None = None
-
-    @property
-    def governor(self) -> Any:
-        """The Governor of the current run (None before ``on_train_start``)."""
-        return self.run.governor
-
-    @property
-    def rollbacks(self) -> int:
-        return self.run.counters.rollbacks
-
-    @property
-    def scaler_skips(self) -> int:
-        return self.run.counters.scaler_skips
-
-    @property
-    def last_panic_reason(self) -> str:
-        """The panic reason of the latest rollback ("" before any)."""
-        return self.run.counters.last_panic_reason
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(trainer.optimizers)

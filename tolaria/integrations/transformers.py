@@ -47,7 +47,7 @@ except ImportError as error:  # the extra is optional: say which one to install
     ) from error
 
 from tolaria.hooks import DEFAULT_SCALER_OVERFLOW_LIMIT, StepOutcome
-from tolaria.integrations._common import GovernedRun
+from tolaria.integrations._common import GovernedRun, RunView
 
 
 def _model_loss(output: Any) -> torch.Tensor | None:
@@ -61,7 +61,7 @@ def _model_loss(output: Any) -> torch.Tensor | None:
     return loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
-class TolariaCallback(TrainerCallback):
+class TolariaCallback(RunView, TrainerCallback):
     """Watches a ``Trainer`` run with a :class:`tolaria.TolariaGovernor` (see the module docstring
     for what a callback can and cannot see).
 
@@ -95,24 +95,6 @@ class TolariaCallback(TrainerCallback):
         self._loss_scale = 1.0
         self._accumulation = 1.0
         self._forward_hook: Any = None
-
-    @property
-    def governor(self) -> Any:
-        """The Governor of the current run (None before ``on_train_begin``)."""
-        return self.run.governor
-
-    @property
-    def rollbacks(self) -> int:
-        return self.run.counters.rollbacks
-
-    @property
-    def scaler_skips(self) -> int:
-        return self.run.counters.scaler_skips
-
-    @property
-    def last_panic_reason(self) -> str:
-        """The panic reason of the latest rollback ("" before any)."""
-        return self.run.counters.last_panic_reason
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]
