@@ -338,3 +338,66 @@ def test_seed_lifecycle_changes_re_derive_the_exclusions(backend: str) -> None:
     info = gov.snapshot()
     assert any(k.startswith("seed_slots.r0c1.seed.") for k in info.keys_captured)
     assert_round_trip(gov)
+
+
+# -- the per-check tensor list of check_health / observe ------------------------------------
+
+
+def fresh_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    params = list(model.named_parameters())
+    return params + [(f"{n}.grad", p.grad) for n, p in params if p.grad is not None]
+
+
+def assert_pairs_fresh(gov: TolariaGovernor) -> None:
+    pairs, n_params = gov._health_pairs()
+    expected = fresh_pairs(gov.model)
+    assert [n for n, _ in pairs] == [n for n, _ in expected]
+    assert all(a is b for (_, a), (_, b) in zip(pairs, expected, strict=True))
+    assert n_params == len(list(gov.model.parameters()))
+
+
+def test_check_health_lists_the_parameters_once_while_nothing_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = make_model()
+    gov = governor(model, "native")
+    train_step(model, None)
+    assert not gov.check_health()
+    calls: list[int] = []
+    original = nn.Module.named_parameters
+
+    def counting(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    params = list(model.parameters())
+    monkeypatch.setattr(nn.Module, "named_parameters", counting)
+    for _ in range(3):
+        for p in params:  # not model.zero_grad(): it lists the parameters itself
+            p.grad = None
+        train_step(model, None)  # new gradient tensors every step
+        assert not gov.check_health()
+        assert not gov.observe(1.0)
+    assert calls == []
+    monkeypatch.undo()
+    assert_pairs_fresh(gov)
+
+
+@pytest.mark.parametrize(
+    "change", ["parameter-replaced", "module-added", "module-removed", "parameter-set-to-none"]
+)
+def test_check_health_follows_model_changes(change: str) -> None:
+    model = make_model()
+    gov = governor(model, "native")
+    train_step(model, None)
+    assert_pairs_fresh(gov)
+    CHANGES[change](model)
+    assert_pairs_fresh(gov)
+    model.zero_grad(set_to_none=True)
+    assert_pairs_fresh(gov)  # gradients gone
+    train_step(model, None)
+    assert_pairs_fresh(gov)
+    with torch.no_grad():
+        next(model.parameters()).grad.fill_(float("nan"))  # type: ignore[union-attr]
+    assert gov.check_health()
+    assert gov.pending_panic is not None and gov.pending_panic.reason == "governor_nonfinite_grads"

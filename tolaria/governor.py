@@ -33,6 +33,7 @@ from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
 from tolaria.governor_extras import GovernorExtras
+from tolaria.health.pairs import CheckedTensors
 from tolaria.optim import unwrap_optimizer
 from tolaria.recovery.ladder import RecoveryLadder
 from tolaria.recovery.policy import RecoveryPolicy
@@ -133,6 +134,7 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         self._store.hub_source = _current_hub
         self._commit = CommitLifecycle(self._store, self._group, self._verdicts, self._watch)
         self._last_grad_norm: float | None = None
+        self._checked = CheckedTensors()
         self._handout: LkgHandout | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._hook_handle: Any = None
@@ -253,19 +255,15 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         return bool(len(self._verdicts)) and self._announce(self._commit.consume())
 
     def _health_pairs(self) -> tuple[list[tuple[str, torch.Tensor]], int]:
-        """What ``check_health`` inspects: the parameters (when checked), then the gradients."""
-        params = list(self.model.named_parameters())
-        pairs: list[tuple[str, torch.Tensor]] = list(params) if self.check_parameters else []
-        n_params = len(pairs)
-        if self.check_gradients:
-            pairs += [(f"{name}.grad", p.grad) for name, p in params if p.grad is not None]
-        return pairs, n_params
+        """What ``check_health`` inspects: the parameters (when checked), then the gradients
+        (listed once per model structure: :mod:`tolaria.health.pairs`)."""
+        checked = {"parameters": self.check_parameters, "gradients": self.check_gradients}
+        return self._checked.pairs(self.model, **checked)
 
     def _checked_names(self) -> list[str]:
         """The names ``check_health`` may report, the same list on every rank (for consensus)."""
-        params = [name for name, _ in self.model.named_parameters()]
-        grads = [f"{name}.grad" for name in params] if self.check_gradients else []
-        return (params if self.check_parameters else []) + grads
+        checked = {"parameters": self.check_parameters, "gradients": self.check_gradients}
+        return self._checked.names(self.model, **checked)
 
     def _observe_tensors(self) -> Panic | None:
         if self._restore.incomplete is not None:

@@ -5,25 +5,24 @@ calls into every module: about 10 ms for 2,500 small layers, every snapshot and 
 :class:`ModuleTree` walks once and then answers "is it still the same tree?" with a few C-level
 passes over what the walk read (no Python code per module):
 
-* every module's ``_parameters``, ``_buffers`` and ``_modules`` dicts, its non-persistent-buffer
-  set and its state-dict hook dicts are the same objects with the same sizes;
-* the values of the three dicts are the same objects (a parameter or buffer replaced or
-  re-registered, a child module added, removed, replaced or set to None, a parameter set to
-  None: each changes one of them);
+* every module's non-persistent-buffer set and state-dict hook dicts have the same sizes;
+* the values of its ``_parameters``, ``_buffers`` and ``_modules`` dicts are the same objects
+  (a parameter or buffer replaced or re-registered, a child module added, removed, replaced or
+  set to None, a parameter set to None: each changes one of them);
 * no parameter, buffer or module was registered anywhere in the process since the walk
   (torch's global registration hooks bump :func:`generation`; ``load_state_dict(assign=True)``
   and ``module.x = ...`` go through them).
 
 Not seen (they change no dict): ``p.data = other`` (the stores read every tensor's address,
-dtype, device and byte size at each capture; see :mod:`tolaria.snapshot.native.layout`) and a
-module's ``__class__`` or methods patched on the instance after the walk.
+dtype, device and byte size at each capture; see :mod:`tolaria.snapshot.native.layout`), a
+module's ``__class__`` or methods patched on the instance after the walk, and an entry renamed
+by writing the private dicts by hand (same values under other keys).
 """
 
 from __future__ import annotations
 
-from itertools import chain, compress, cycle
-from operator import attrgetter, is_
-from typing import Any
+from itertools import chain
+from operator import is_, itemgetter
 
 from torch import nn
 from torch.nn.modules import module as torch_module
@@ -47,19 +46,11 @@ def generation() -> int:
     return _generation
 
 
-# Per module: the three dicts whose values make its state (first), then the set and hook dicts
-# whose sizes matter. One attrgetter pass reads all six.
-_HOLDERS = attrgetter(
-    "_parameters", "_buffers", "_modules",
-    "_non_persistent_buffers_set", "_state_dict_hooks", "_state_dict_pre_hooks",
-)  # fmt: skip
-_PER_MODULE = 6
-_VALUE_HOLDERS = (True, True, True, False, False, False)
-
-
-def _values(holders: tuple[Any, ...]) -> tuple[object, ...]:
-    dicts = compress(holders, cycle(_VALUE_HOLDERS))
-    return tuple(chain.from_iterable(map(dict.values, dicts)))
+# Per module, read from its instance ``__dict__`` (a dict lookup; an attribute lookup walks the
+# class hierarchy first): the three dicts whose values make its state, then the set and hook
+# dicts whose sizes matter.
+_VALUE_HOLDERS = itemgetter("_parameters", "_buffers", "_modules")
+_SIZED_HOLDERS = itemgetter("_non_persistent_buffers_set", "_state_dict_hooks", "_state_dict_pre_hooks")
 
 
 class ModuleTree:
@@ -69,32 +60,43 @@ class ModuleTree:
         self.model = model
         self.generation = _generation
         self.modules = tuple(model.modules())
-        holders = tuple(chain.from_iterable(map(_HOLDERS, self.modules)))
-        self._sizes = tuple(map(len, holders))
-        self._values = _values(holders)
+        self._dicts = tuple(map(vars, self.modules))
+        read = self._read()
+        self.readable = read is not None  # a module without the usual attributes: never cached
+        self._sizes, self._values = read if read is not None else ((), ())
+
+    def _read(self) -> tuple[tuple[int, ...], tuple[object, ...]] | None:
+        try:
+            sized = tuple(map(len, chain.from_iterable(map(_SIZED_HOLDERS, self._dicts))))
+            valued = chain.from_iterable(map(_VALUE_HOLDERS, self._dicts))
+            return sized, tuple(chain.from_iterable(map(dict.values, valued)))
+        except (KeyError, TypeError):
+            return None
 
     def unchanged(self, model: nn.Module) -> bool:
         """Whether ``model`` is the tree this walk read, in everything the module docstring lists.
         A holder replaced by another object with the same values changes nothing a walk reads."""
-        if model is not self.model or _generation != self.generation:
+        if model is not self.model or _generation != self.generation or not self.readable:
             return False
-        holders = tuple(chain.from_iterable(map(_HOLDERS, self.modules)))
-        if tuple(map(len, holders)) != self._sizes:
+        read = self._read()
+        if read is None or read[0] != self._sizes:
             return False
-        values = _values(holders)
-        return len(values) == len(self._values) and all(map(is_, values, self._values))
+        values, kept = read[1], self._values
+        return len(values) == len(kept) and all(map(is_, values, kept))
 
     def plain_state_dict(self) -> bool:
         """Whether ``state_dict()`` of this tree is what its dicts say: no module overrides how it
         saves its state or has a state-dict hook (else every capture walks, to stay exact)."""
         base_save, base_state = nn.Module._save_to_state_dict, nn.Module.state_dict
+        if not self.readable:
+            return False
         for module in self.modules:
             kind, own = type(module), vars(module)
             if kind._save_to_state_dict is not base_save or kind.state_dict is not base_state:
                 return False
             if "state_dict" in own or "_save_to_state_dict" in own:
                 return False
-        hooks = self._sizes[4::_PER_MODULE] + self._sizes[5::_PER_MODULE]
+        hooks = self._sizes[1::3] + self._sizes[2::3]
         return not any(hooks)
 
 
