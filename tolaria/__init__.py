@@ -7,6 +7,7 @@ Known Good state. This module is the public API and nothing else.
 
 from tolaria import _ext  # noqa: F401  (honours TOLARIA_REQUIRE_NATIVE at import time)
 from tolaria._version import __version__
+from tolaria.clip import clip_grad_norm_
 from tolaria.config import WatchConfig
 from tolaria.constants import (
     DEFAULT_EMBARGO_EPOCHS_AFTER_PRUNE,
@@ -78,6 +79,7 @@ __all__ = [
     "__version__",
     "available_tasks",
     "check_tensors",
+    "clip_grad_norm_",
     "create_model",
     "get_hub",
     "get_task_spec",

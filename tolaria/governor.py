@@ -33,7 +33,7 @@ from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
 from tolaria.governor_extras import GovernorExtras
-from tolaria.health.pairs import CheckedTensors
+from tolaria.health.pairs import CheckedTensors, GradientNorms
 from tolaria.optim import unwrap_optimizer
 from tolaria.recovery.ladder import RecoveryLadder
 from tolaria.recovery.policy import RecoveryPolicy
@@ -135,6 +135,7 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         self._commit = CommitLifecycle(self._store, self._group, self._verdicts, self._watch)
         self._last_grad_norm: float | None = None
         self._checked = CheckedTensors()
+        self._known_gradients: GradientNorms | None = None  # handed by tolaria.clip_grad_norm_
         self._handout: LkgHandout | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._hook_handle: Any = None
@@ -257,8 +258,9 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
     def _health_pairs(self) -> tuple[list[tuple[str, torch.Tensor]], int]:
         """What ``check_health`` inspects: the parameters (when checked), then the gradients
         (listed once per model structure: :mod:`tolaria.health.pairs`)."""
+        known, self._known_gradients = self._known_gradients, None  # one check: this step's
         checked = {"parameters": self.check_parameters, "gradients": self.check_gradients}
-        return self._checked.pairs(self.model, **checked)
+        return self._checked.pairs(self.model, **checked, known=known)
 
     def _checked_names(self) -> list[str]:
         """The names ``check_health`` may report, the same list on every rank (for consensus)."""

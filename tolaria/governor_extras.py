@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tolaria.health.pairs import GradientNorms
 from tolaria.lifecycle import LifecycleMutationVerdict, preflight_lifecycle_mutation
 from tolaria.recovery.lkg_file import save_lkg
 from tolaria.snapshot.entries import CaptureMeta
@@ -22,6 +23,7 @@ class GovernorExtras:
     _store: SnapshotStore
     _ladder: RecoveryLadder | None
     _clock: int
+    _known_gradients: GradientNorms | None
 
     def _resolve(self, *, drain: bool = False) -> object: ...
 
@@ -45,6 +47,14 @@ class GovernorExtras:
         """Tell the recovery policy a step was healthy (warms the learning rate back)."""
         if self._ladder is not None:
             self._ladder.healthy_step()
+
+    # -- gradients measured elsewhere ------------------------------------------------------------
+    def use_gradient_norms(self, norms: GradientNorms) -> None:
+        """Let the next :meth:`check_health` / :meth:`observe` judge the gradients by ``norms``
+        (per-tensor L2 norms someone already computed: :func:`tolaria.clip_grad_norm_` hands
+        them here) instead of reading them again. Used once; a gradient replaced since (a new
+        backward) is read as usual."""
+        self._known_gradients = norms
 
     # -- lifecycle ---------------------------------------------------------------------------
     def preflight_lifecycle_mutation(self, **request: Any) -> LifecycleMutationVerdict:

@@ -10,8 +10,10 @@ at every call (``p.grad`` changes every step), in C-level passes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import attrgetter, is_not
+from operator import attrgetter, is_, is_not
 
 import torch
 from torch import nn
@@ -19,7 +21,43 @@ from torch import nn
 from tolaria.health.structure import ModuleTree
 
 _grad = attrgetter("grad")
+_version = attrgetter("_version")
 Pairs = list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GradientNorms:
+    """Per-tensor L2 norms of some gradients, computed by someone who had to read them anyway
+    (:func:`tolaria.clip_grad_norm_`): ``norms[i]`` (a 0-dim tensor on the gradient's device) is
+    the norm of ``grads[i]``, the ``.grad`` of ``params[i]`` when it was computed;
+    ``versions[i]`` is that gradient's ``_version`` once its owner was done with it (after the
+    clip scaled it in place).
+
+    A health check given these reads each norm instead of its gradient: a non-finite gradient
+    has a non-finite norm, and the global gradient norm is the root of their squares. A norm
+    is used only while its parameter's ``.grad`` is still that very tensor, unwritten since
+    (a gradient zeroed in place and accumulated again has a new version: it is read)."""
+
+    params: tuple[torch.Tensor, ...]
+    grads: tuple[torch.Tensor, ...]
+    norms: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+
+    def substitute(self, params: Sequence[torch.Tensor], grads: tuple[torch.Tensor | None, ...]
+                   ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+        """``grads`` (of ``params``) with each gradient this knows replaced by its norm."""
+        if tuple(map(_version, self.grads)) != self.versions:
+            return grads  # written since: the norms are stale (rare; read everything)
+        if len(params) == len(self.params) and all(map(is_, params, self.params)):
+            if all(map(is_, grads, self.grads)):  # the usual case: clip_grad_norm_(model.parameters())
+                return self.norms
+        known = {id(p): (g, n) for p, g, n in zip(self.params, self.grads, self.norms, strict=True)}
+        out = list(grads)
+        for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+            entry = known.get(id(param))
+            if entry is not None and grad is entry[0]:
+                out[index] = entry[1]
+        return tuple(out)
 
 
 def _plain_listing(model: nn.Module, tree: ModuleTree) -> bool:
@@ -55,14 +93,18 @@ class CheckedTensors:
         self._tree = tree if _plain_listing(model, tree) else None
         self.rebuilds += 1
 
-    def pairs(self, model: nn.Module, *, parameters: bool, gradients: bool) -> tuple[Pairs, int]:
+    def pairs(self, model: nn.Module, *, parameters: bool, gradients: bool, known: GradientNorms | None = None
+              ) -> tuple[Pairs, int]:  # fmt: skip
         """The parameters (when ``parameters``), then the gradients that exist (when
-        ``gradients``), named ``<parameter>.grad``; and how many of them are parameters."""
+        ``gradients``), named ``<parameter>.grad`` (their norms instead where ``known`` has
+        them); and how many of them are parameters."""
         self._refresh(model)
         pairs: Pairs = list(self._named) if parameters else []
         n_params = len(pairs)
         if gradients:
             grads = tuple(map(_grad, self._params))
+            if known is not None:
+                grads = known.substitute(self._params, grads)
             pairs += compress(zip(self._grad_names, grads, strict=True), map(is_not, grads, repeat(None)))
         return pairs, n_params
 
@@ -73,4 +115,4 @@ class CheckedTensors:
         return params + (list(self._grad_names) if gradients else [])
 
 
-__all__ = ["CheckedTensors"]
+__all__ = ["CheckedTensors", "GradientNorms"]
