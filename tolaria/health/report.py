@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,9 +60,14 @@ def build_report(
     squares: Sequence[float] | None = None,
 ) -> HealthReport:
     """Assemble a report; ``squares`` (per-tensor sums of squares) gives a more exact global norm."""
-    nonfinite = [a + b + c for a, b, c in zip(nan, posinf, neginf, strict=True)]
-    first_bad = next((name for name, bad in zip(names, nonfinite, strict=True) if bad), None)
-    global_norm = _root_of_sum(squares if squares is not None else [n * n for n in norms])
+    if any(nan) or any(posinf) or any(neginf):
+        nonfinite = [a + b + c for a, b, c in zip(nan, posinf, neginf, strict=True)]
+        first_bad = next((name for name, bad in zip(names, nonfinite, strict=True) if bad), None)
+    else:  # a healthy report, the common case: no Python work per tensor
+        if not len(nan) == len(posinf) == len(neginf) == len(names):
+            raise ValueError("names and counts differ in length")
+        nonfinite, first_bad = [0] * len(names), None
+    global_norm = _root_of_sum(squares if squares is not None else list(map(operator.mul, norms, norms)))
     return HealthReport(
         names=list(names),
         nonfinite=nonfinite,
