@@ -19,7 +19,7 @@ from tolaria.health.report import HealthReport, build_report
 
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
-_dtype, _device = attrgetter("dtype"), attrgetter("device")
+_dtype, _device, _dim = attrgetter("dtype"), attrgetter("device"), torch.Tensor.dim
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,12 +92,29 @@ def _single_group(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
     return dtype if dtype in _NATIVE_DTYPES else None
 
 
+def _scalar_tail(tensors: Sequence[torch.Tensor]) -> int:
+    """Where the trailing run of 0-dim tensors starts (``len(tensors)`` when there is none)."""
+    cut = len(tensors)
+    if not cut or tensors[-1].dim():
+        return cut
+    dims = tuple(map(_dim, tensors))
+    while cut and not dims[cut - 1]:
+        cut -= 1
+    return cut
+
+
 def _check_one_group(
     names: Sequence[str], tensors: Sequence[torch.Tensor], dtype: torch.dtype
 ) -> HealthReport:
     """:func:`reference_check` of tensors that share one device and native float dtype."""
+    cut = _scalar_tail(tensors)
     with torch.no_grad():
-        norms = torch.stack(_group_norms(list(tensors), dtype)).to(torch.float64).tolist()
+        pieces = [torch.stack(_group_norms(list(tensors[:cut]), dtype))] if cut else []
+        if cut < len(tensors):
+            # A tail of 0-dim tensors (the gradient norms tolaria.clip_grad_norm_ hands over): the
+            # L2 norm of one value is its magnitude, for all of them in one op, no dispatch each.
+            pieces.append(torch.stack(list(tensors[cut:])).abs().to(accumulation_dtype(dtype)))
+        norms = torch.cat(pieces).to(torch.float64).tolist()
     count = len(norms)
     nan, posinf, neginf = [0] * count, [0] * count, [0] * count
     if not all(map(math.isfinite, norms)):  # rare: a tensor is sick or overflows its squares
