@@ -86,7 +86,7 @@ class CheckedTensors:
         tree = self._tree
         if tree is not None and tree.unchanged(model):
             return
-        tree = ModuleTree(model)
+        tree = ModuleTree(model, parameters_only=True)
         self._named = list(model.named_parameters())
         self._params = tuple(p for _, p in self._named)
         self._grad_names = tuple(f"{name}.grad" for name, _ in self._named)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from itertools import chain
 from operator import is_, itemgetter
+from typing import Any
 
 from torch import nn
 from torch.nn.modules import module as torch_module
@@ -51,14 +52,24 @@ def generation() -> int:
 # dicts whose sizes matter.
 _VALUE_HOLDERS = itemgetter("_parameters", "_buffers", "_modules")
 _SIZED_HOLDERS = itemgetter("_non_persistent_buffers_set", "_state_dict_hooks", "_state_dict_pre_hooks")
+# What named_parameters() reads: a lighter test for the per-step listing of the health check.
+_PARAMETER_HOLDERS = itemgetter("_parameters", "_modules")
+
+
+def _nothing_sized(_module_dict: dict[str, Any]) -> tuple[()]:
+    return ()
 
 
 class ModuleTree:
     """What one walk of ``model`` read, and :meth:`unchanged` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, parameters_only: bool = False) -> None:
+        """``parameters_only``: watch only what ``named_parameters()`` reads (the parameter and
+        child-module dicts), not buffers, non-persistent sets or state-dict hooks."""
         self.model = model
         self.generation = _generation
+        self._valued = _PARAMETER_HOLDERS if parameters_only else _VALUE_HOLDERS
+        self._sized = _nothing_sized if parameters_only else _SIZED_HOLDERS
         self.modules = tuple(model.modules())
         self._dicts = tuple(map(vars, self.modules))
         read = self._read()
@@ -67,8 +78,8 @@ class ModuleTree:
 
     def _read(self) -> tuple[tuple[int, ...], tuple[object, ...]] | None:
         try:
-            sized = tuple(map(len, chain.from_iterable(map(_SIZED_HOLDERS, self._dicts))))
-            valued = chain.from_iterable(map(_VALUE_HOLDERS, self._dicts))
+            sized = tuple(map(len, chain.from_iterable(map(self._sized, self._dicts))))
+            valued = chain.from_iterable(map(self._valued, self._dicts))
             return sized, tuple(chain.from_iterable(map(dict.values, valued)))
         except (KeyError, TypeError):
             return None
@@ -88,7 +99,7 @@ class ModuleTree:
         """Whether ``state_dict()`` of this tree is what its dicts say: no module overrides how it
         saves its state or has a state-dict hook (else every capture walks, to stay exact)."""
         base_save, base_state = nn.Module._save_to_state_dict, nn.Module.state_dict
-        if not self.readable:
+        if not self.readable or self._sized is _nothing_sized:
             return False
         for module in self.modules:
             kind, own = type(module), vars(module)
