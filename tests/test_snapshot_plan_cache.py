@@ -401,3 +401,20 @@ def test_check_health_follows_model_changes(change: str) -> None:
         next(model.parameters()).grad.fill_(float("nan"))  # type: ignore[union-attr]
     assert gov.check_health()
     assert gov.pending_panic is not None and gov.pending_panic.reason == "governor_nonfinite_grads"
+
+
+def test_a_buffer_change_relists_nothing_a_snapshot_rederives_it() -> None:
+    model = make_model()
+    gov = governor(model, "native")
+    train_step(model, None)
+    gov.check_health()
+    listings, plans = gov._checked.rebuilds, gov._commit.plans.rebuilds
+    model[0].register_buffer("extra", torch.arange(3.0))  # not a parameter: the check's list holds
+    gov.check_health()
+    assert gov._checked.rebuilds == listings + 1  # the registration hook bumped the generation
+    gov.check_health()
+    assert gov._checked.rebuilds == listings + 1  # and then it holds again
+    gov.snapshot()
+    assert gov._commit.plans.rebuilds == plans + 1  # the capture plan does follow the buffer
+    assert_pairs_fresh(gov)
+    assert_matches_full_walk(gov)
