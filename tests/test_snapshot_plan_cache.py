@@ -152,6 +152,24 @@ def test_a_snapshot_with_no_change_does_not_walk_the_state_dict(
     assert_round_trip(gov)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rollback_with_no_change_does_not_walk_the_state_dict_and_stays_exact(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_step(model, optimizer)
+    gov = governor(model, backend, optimizer)
+    gov.snapshot()
+    expected = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    calls = count_state_dict_calls(monkeypatch)
+    train_step(model, optimizer)
+    gov.execute_rollback(optimizer=optimizer)
+    assert calls == []  # the restore and the drift check used the kept plan
+    monkeypatch.undo()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
 def test_extra_state_is_read_at_every_capture() -> None:
     model = make_model()
     gov = governor(model, "native")

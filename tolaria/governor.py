@@ -348,6 +348,7 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
             env_id=env_id,
             attribution=attribution,
             restore_state=self._restore,
+            live_entries=self._commit.plans.live_entries,
         )
         self._set_optimizer(target)
         if self._ladder is None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from tolaria.restore_state import RestoreState
 from tolaria.snapshot import seeds
-from tolaria.snapshot.entries import CaptureMeta, device_of, key_drift, restore_contents
+from tolaria.snapshot.entries import CaptureMeta, LiveEntries, device_of, key_drift, restore_contents
 from tolaria.snapshot.handout import LkgHandout
 from tolaria.snapshot.optimizer_state import UNTOUCHED, OptimizerOutcome
 from tolaria.snapshot.store import SnapshotStore
@@ -122,11 +122,14 @@ def perform_rollback(
     env_id: int,
     attribution: Attribution,
     restore_state: RestoreState | None = None,
+    live_entries: Callable[[nn.Module], LiveEntries | None] | None = None,
 ) -> tuple[GovernorReport, OptimizerOutcome]:
     """Roll ``model`` (and ``optimizer``) back to the store's committed LKG; returns the report
     and the optimizer outcome. ``handout``: the ``last_good_state`` dict given to the caller for
     this LKG, if any (verified before anything is written). ``restore_state`` is marked
-    incomplete while the model is written (:mod:`tolaria.restore_state`).
+    incomplete while the model is written (:mod:`tolaria.restore_state`). ``live_entries(model)``
+    gives the model's entries without a state-dict walk when a kept capture plan still holds
+    (None: walk), asked again after the prune, which may have changed the model.
 
     Raises RuntimeError when there is no LKG or the handed-out dict was edited (nothing written),
     SnapshotMismatchError when a saved tensor no longer fits (nothing written), and RuntimeError
@@ -139,9 +142,11 @@ def perform_rollback(
     if handout is not None and handout.source is saved:
         handout.verify()
     with (restore_state if restore_state is not None else RestoreState()).writing():
-        outcome = restore_contents(store, model, optimizer, saved, meta)
+        known = live_entries(model) if live_entries is not None else None
+        outcome = restore_contents(store, model, optimizer, saved, meta, live=known)
         pruned = seeds.prune_live_seeds(model)
-    missing, unexpected = key_drift(model, meta)
+    after = (live_entries(model) if pruned else known) if live_entries is not None else None
+    missing, unexpected = key_drift(model, meta, live=after)
     panic, panicked = watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
     panic_reason = watch.panic_reason
     loss = math.nan if watch.panic_loss is None else float(watch.panic_loss)

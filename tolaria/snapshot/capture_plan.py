@@ -31,7 +31,7 @@ from torch import nn
 
 from tolaria.health.kinds import local_tensor
 from tolaria.health.structure import ModuleTree
-from tolaria.snapshot.entries import CaptureContents, CaptureMeta, model_entries
+from tolaria.snapshot.entries import CaptureContents, CaptureMeta, LiveEntries, model_entries
 from tolaria.snapshot.optimizer_state import OptimizerSnapshot, optimizer_entries
 from tolaria.snapshot.seeds import _seed_slots, is_fossilized
 
@@ -125,6 +125,15 @@ class CapturePlans:
         self._optimizer: OptimizerPlan | None = None
         self._entries: dict[str, torch.Tensor] | None = None
         self.rebuilds = 0
+
+    def live_entries(self, model: nn.Module) -> LiveEntries | None:
+        """The model's entries as :func:`model_entries` would walk them, from the kept plan when
+        it still holds exactly (a rollback's restore and drift check need no walk then); None
+        when there is no plan or something changed (the caller walks)."""
+        plan = self._model
+        if plan is None or not plan.holds(model):
+            return None
+        return list(plan.tensors), plan.walked_extras, plan.excluded
 
     def contents(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> CaptureContents:
         fresh_extras: dict[str, object] | None = None

@@ -105,6 +105,10 @@ def check_optimizer(optimizer: object) -> None:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
+#: What :func:`model_entries` returns: live tensors, non-tensor extra state, excluded keys.
+LiveEntries = tuple[list[tuple[str, torch.Tensor]], dict[str, object], tuple[str, ...]]
+
+
 def model_entries(
     model: nn.Module,
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, object], tuple[str, ...]]:
@@ -142,6 +146,7 @@ def restore_contents(
     optimizer: torch.optim.Optimizer | None,
     saved: dict[str, torch.Tensor],
     meta: CaptureMeta,
+    live: LiveEntries | None = None,
 ) -> OptimizerOutcome:
     """Write the committed LKG (``saved``, with its ``meta``) back into ``model`` and
     ``optimizer``: the host and fossilized seeds in place through the store, then the module
@@ -149,18 +154,24 @@ def restore_contents(
     (:class:`OptimizerOutcome`: per group "restored", "cleared" or "partial"; "untouched"
     without an optimizer).
 
+    ``live``: the model's entries as :func:`model_entries` returns them, when the caller knows
+    them still to be exact (a kept capture plan): no state-dict walk then.
+
     Raises what :meth:`SnapshotStore.restore` raises (nothing is written in that case)."""
-    tensors, extras, _ = model_entries(model)
+    tensors, extras, _ = model_entries(model) if live is None else live
     opt_targets, finish_optimizer = optimizer_restore_plan(optimizer, meta.optimizer, saved)
     store.restore(tensors + opt_targets)
     restore_extra_state(model, meta.extras, extras)
     return finish_optimizer()
 
 
-def key_drift(model: nn.Module, meta: CaptureMeta) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def key_drift(
+    model: nn.Module, meta: CaptureMeta, live: LiveEntries | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(missing, unexpected)``: live state-dict keys with no saved value, and saved keys with
-    no live entry, both in a stable order (non-fossilized seeds are not live keys here)."""
-    live_tensors, live_extras, _ = model_entries(model)
+    no live entry, both in a stable order (non-fossilized seeds are not live keys here).
+    ``live``: as for :func:`restore_contents`."""
+    live_tensors, live_extras, _ = model_entries(model) if live is None else live
     live_keys = [k for k, _ in live_tensors] + list(live_extras)
     saved_set, live_set = set(meta.model_keys), set(live_keys)
     missing = tuple(k for k in live_keys if k not in saved_set)
@@ -190,6 +201,7 @@ def order_steps_after_captures(optimizer: torch.optim.Optimizer, store: Snapshot
 
 
 __all__ = [
+    "LiveEntries",
     "OPTIMIZER_KEY_PREFIX",
     "CaptureContents",
     "CaptureMeta",
