@@ -100,6 +100,11 @@ def check_env_id(env_id: object) -> int:
     return env_id
 
 
+def _reported_loss(watch: Watch) -> float:
+    """``loss_at_panic``: the original's ``_panic_loss``, NaN when there is none."""
+    return math.nan if watch.panic_loss is None else float(watch.panic_loss)
+
+
 def _emit_or_warn(hub_source: Callable[[], TelemetryHub], event: Any) -> None:
     """Emit the rollback event; a failure (a broken or patched hub) must not undo a rollback
     that has already happened, so it becomes one line on stderr, the original's wording."""
@@ -149,7 +154,7 @@ def perform_rollback(
     missing, unexpected = key_drift(model, meta, live=after)
     panic, panicked = watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
     panic_reason = watch.panic_reason
-    loss = math.nan if watch.panic_loss is None else float(watch.panic_loss)
+    loss = _reported_loss(watch)
     payload = GovernorRollbackPayload(
         env_id=env_id,
         device=str(device_of(model)),
@@ -196,7 +201,7 @@ def observed_report(watch: Watch, env_id: int, action: str) -> GovernorReport:
     panic, panicked = watch.panic_for_rollback(REASON_MANUAL_ROLLBACK)
     report = GovernorReport(
         reason=STRUCTURAL_COLLAPSE,
-        loss_at_panic=math.nan if watch.panic_loss is None else float(watch.panic_loss),
+        loss_at_panic=_reported_loss(watch),
         loss_threshold=panic.threshold,
         consecutive_panics=0,
         rollback_occurred=False,

@@ -63,7 +63,7 @@ class RecoveryLadder:
         self._hub_source = hub_source
         self._save_lkg = save_lkg
         self._window: deque[int] = deque()
-        acts = not policy.observe_only and optimizer is not None and policy.lr_backoff < 1.0
+        acts = not policy.observe_only and policy.lr_backoff < 1.0  # shadow mode touches nothing
         self.lr: LrFactor | None = LrFactor(optimizer) if acts and optimizer is not None else None
 
     @classmethod

@@ -24,6 +24,7 @@ from torch import nn
 
 from tolaria._version import __version__
 from tolaria.snapshot.entries import OPTIMIZER_KEY_PREFIX, CaptureMeta, check_optimizer
+from tolaria.snapshot.store import tensor_bytes
 
 FORMAT = "tolaria-lkg"
 FORMAT_VERSION = 1
@@ -36,8 +37,7 @@ class LkgFileError(ValueError):
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes() if data.numel() else b"").hexdigest()
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
 def _json_value(where: str, value: object) -> Any:

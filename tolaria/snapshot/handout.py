@@ -22,11 +22,11 @@ import zlib
 import torch
 
 from tolaria.snapshot.seeds import SEED_SLOTS_PREFIX
+from tolaria.snapshot.store import tensor_bytes
 
 
 def _crc(tensor: torch.Tensor) -> int:
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return zlib.crc32(data.numpy().tobytes()) if data.numel() else 0
+    return zlib.crc32(tensor_bytes(tensor))
 
 
 class LkgHandout:

@@ -118,6 +118,13 @@ def normalize_named_tensors(
     return items
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's bytes in memory order, for a checksum of exactly what is stored (b"" when
+    it is empty)."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return data.numpy().tobytes() if data.numel() else b""
+
+
 def check_restore_targets(saved: Mapping[str, torch.Tensor], targets: list[tuple[str, torch.Tensor]]) -> None:
     """Raise :class:`SnapshotMismatchError` listing every target whose shape or dtype differs from
     its saved value (a bit-exact restore needs both to match). Writes nothing."""
@@ -374,4 +381,5 @@ __all__ = [
     "check_restore_targets",
     "normalize_named_tensors",
     "require_default_stream",
+    "tensor_bytes",
 ]
