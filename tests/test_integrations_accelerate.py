@@ -17,21 +17,10 @@ from torch import nn
 accelerate = pytest.importorskip("accelerate")
 
 from accelerate.tracking import GeneralTracker  # noqa: E402
+from cluster_data import CLASSES, RANDOM_GUESS, cluster_data  # noqa: E402
 
 from tolaria import GuardedStep, TolariaGovernor  # noqa: E402
 from tolaria.integrations.accelerate import TolariaHook  # noqa: E402
-
-CLASSES = 4
-RANDOM_GUESS = math.log(CLASSES)
-
-
-def cluster_data(n: int = 256, seed: int = 0) -> torch.utils.data.TensorDataset:
-    """Four well-separated Gaussian clusters in 8 dimensions."""
-    generator = torch.Generator().manual_seed(seed)
-    centers = torch.randn(CLASSES, 8, generator=generator) * 3
-    labels = torch.arange(n) % CLASSES
-    inputs = centers[labels] + torch.randn(n, 8, generator=generator) * 0.5
-    return torch.utils.data.TensorDataset(inputs, labels)
 
 
 class MemoryTracker(GeneralTracker):

@@ -18,19 +18,9 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from cluster_data import CLASSES, RANDOM_GUESS, cluster_data  # noqa: E402
+
 from tolaria.integrations.lightning import TolariaCallback  # noqa: E402
-
-CLASSES = 4
-RANDOM_GUESS = math.log(CLASSES)
-
-
-def cluster_data(n: int = 256, seed: int = 0) -> torch.utils.data.TensorDataset:
-    """Four well-separated Gaussian clusters in 8 dimensions: a tiny MLP learns them in a few steps."""
-    generator = torch.Generator().manual_seed(seed)
-    centers = torch.randn(CLASSES, 8, generator=generator) * 3
-    labels = torch.arange(n) % CLASSES
-    inputs = centers[labels] + torch.randn(n, 8, generator=generator) * 0.5
-    return torch.utils.data.TensorDataset(inputs, labels)
 
 
 class TinyClassifier(pl.LightningModule):

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster_data import CLASSES, cluster_data
 from torch import nn
 
 import tolaria
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CLASSES = 4
 
 
 def snippets(heading: str) -> list[str]:
@@ -27,14 +27,6 @@ def snippets(heading: str) -> list[str]:
     following = re.search(r"\n#{2,3} ", text[start + 1 :])
     section = text[start : start + 1 + following.start()] if following else text[start:]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
-
-
-def cluster_data(n: int = 128) -> torch.utils.data.TensorDataset:
-    generator = torch.Generator().manual_seed(0)
-    centers = torch.randn(CLASSES, 8, generator=generator) * 3
-    labels = torch.arange(n) % CLASSES
-    inputs = centers[labels] + torch.randn(n, 8, generator=generator) * 0.5
-    return torch.utils.data.TensorDataset(inputs, labels)
 
 
 def mlp() -> nn.Sequential:
@@ -53,7 +45,7 @@ def test_mixed_precision_snippet() -> None:
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     governor = tolaria.TolariaGovernor(model, optimizer=optimizer, random_guess_loss=math.log(CLASSES))
-    loader = torch.utils.data.DataLoader(cluster_data(), batch_size=32)
+    loader = torch.utils.data.DataLoader(cluster_data(128), batch_size=32)
     names = run(code, GuardedStep=tolaria.GuardedStep, governor=governor, optimizer=optimizer, model=model,
                 loader=loader, loss_fn=nn.functional.cross_entropy, device="cpu")  # fmt: skip
     assert names["step"].scaler is names["scaler"] and names["outcome"].healthy
@@ -65,7 +57,7 @@ def test_trainer_hook_snippet() -> None:
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     governor = tolaria.TolariaGovernor(model, optimizer=optimizer)
-    inputs, labels = cluster_data().tensors
+    inputs, labels = cluster_data(128).tensors
     loss = nn.functional.cross_entropy(model(inputs), labels)
     names = run(code, TrainerHook=tolaria.TrainerHook, governor=governor, optimizer=optimizer, loss=loss,
                 accumulation_steps=1, is_last=True)  # fmt: skip
@@ -90,7 +82,7 @@ def test_lightning_snippet(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the default Trainer writes its logs and checkpoints here
     (code,) = snippets("### Lightning")
     names = run(code, lightning=lightning, model=Classifier(),
-                train_loader=torch.utils.data.DataLoader(cluster_data(), batch_size=32))  # fmt: skip
+                train_loader=torch.utils.data.DataLoader(cluster_data(128), batch_size=32))  # fmt: skip
     (callback,) = [c for c in names["trainer"].callbacks if type(c).__name__ == "TolariaCallback"]
     assert callback.governor is not None and len(callback.governor.loss_history) > 0
     assert callback.rollbacks == 0
@@ -110,7 +102,7 @@ def test_hugging_face_snippets(tmp_path) -> None:
 
     class Data(torch.utils.data.Dataset):
         def __init__(self) -> None:
-            self.inputs, self.labels = cluster_data().tensors
+            self.inputs, self.labels = cluster_data(128).tensors
 
         def __len__(self) -> int:
             return len(self.labels)
@@ -136,7 +128,7 @@ def test_accelerate_snippet() -> None:
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(cluster_data(), batch_size=16)
+    loader = torch.utils.data.DataLoader(cluster_data(128), batch_size=16)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     (code,) = snippets("### accelerate")
     names = run(code, accelerator=accelerator, model=model, optimizer=optimizer, train_loader=loader,

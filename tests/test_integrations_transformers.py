@@ -16,20 +16,16 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from tolaria.integrations.transformers import TolariaCallback, TolariaTrainer  # noqa: E402
+from cluster_data import CLASSES, RANDOM_GUESS, cluster_tensors  # noqa: E402
 
-CLASSES = 4
-RANDOM_GUESS = math.log(CLASSES)
+from tolaria.integrations.transformers import TolariaCallback, TolariaTrainer  # noqa: E402
 
 
 class ClusterData(torch.utils.data.Dataset):
     """Four well-separated Gaussian clusters in 8 dimensions, as the dicts a Trainer collates."""
 
     def __init__(self, n: int = 256, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        centers = torch.randn(CLASSES, 8, generator=generator) * 3
-        self.labels = torch.arange(n) % CLASSES
-        self.inputs = centers[self.labels] + torch.randn(n, 8, generator=generator) * 0.5
+        self.inputs, self.labels = cluster_tensors(n, seed)
 
     def __len__(self) -> int:
         return len(self.labels)

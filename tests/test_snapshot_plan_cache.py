@@ -130,15 +130,21 @@ def count_state_dict_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 # -- nothing changed: no walk ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_snapshot_with_no_change_does_not_walk_the_state_dict(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def planned_governor(backend: str) -> tuple[nn.Module, torch.optim.Optimizer, TolariaGovernor]:
+    """A trained model whose Governor has derived its plan (the optimizer state exists now)."""
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_step(model, optimizer)
     gov = governor(model, backend, optimizer)
-    gov.snapshot()  # derives the plan (the optimizer state exists now)
+    gov.snapshot()
+    return model, optimizer, gov
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_snapshot_with_no_change_does_not_walk_the_state_dict(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer, gov = planned_governor(backend)
     calls = count_state_dict_calls(monkeypatch)
     rebuilds = gov._commit.plans.rebuilds
     for _ in range(3):
@@ -156,11 +162,7 @@ def test_a_snapshot_with_no_change_does_not_walk_the_state_dict(
 def test_a_rollback_with_no_change_does_not_walk_the_state_dict_and_stays_exact(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = make_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train_step(model, optimizer)
-    gov = governor(model, backend, optimizer)
-    gov.snapshot()
+    model, optimizer, gov = planned_governor(backend)
     expected = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     calls = count_state_dict_calls(monkeypatch)
     train_step(model, optimizer)
