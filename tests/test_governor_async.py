@@ -473,3 +473,19 @@ def test_on_cuda_a_nan_weight_is_caught_within_the_lag_and_rolled_back() -> None
     assert outcome.rolled_back and outcome.panic_step == 20 and 20 <= outcome.step <= 22
     assert outcome.panic_reason in {"governor_nan", "governor_nonfinite_params"}
     assert all(torch.equal(v.cpu(), lkg[k]) for k, v in model.state_dict().items())
+
+
+def test_resolve_snapshot_settles_a_gated_capture_without_handing_the_lkg_out(
+    late: Late, events: list[TelemetryEvent]
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    gov = TolariaGovernor(model, snapshot_backend="reference")
+    late.open = False
+    assert not gov.observe(torch.tensor(1.0))
+    info = gov.snapshot()
+    assert info.committed is None and gov.pending_verdicts == 1  # waits for the late verdict
+    gov.resolve_snapshot()
+    assert gov.pending_verdicts == 0 and late.waited == 1  # waited for it, as last_good_state does
+    assert snapshot_payloads(events)[-1][0] is True  # the capture is decided and committed
+    assert gov._handout is None  # no dict handed out, so no checksum of its bytes was taken

@@ -40,6 +40,12 @@ class GovernorExtras:
             raise RuntimeError("no Last Known Good snapshot to save (no snapshot was ever committed)")
         return save_lkg(path, saved, meta, step=step, overwrite=overwrite)
 
+    def resolve_snapshot(self) -> None:
+        """Settle an in-flight capture now (waiting for its copy and for the deferred verdicts it
+        needs), as reading ``last_good_state`` would, without handing the dict out (no checksum of
+        its bytes is taken). For callers that must order a step after the capture themselves."""
+        self._resolve(drain=True)
+
     def _save_for_abort(self, path: Path) -> Path:
         return self.save_last_good(path, overwrite=True, step=self._clock)
 

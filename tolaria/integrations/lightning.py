@@ -107,7 +107,7 @@ class TolariaCallback(RunView, *_callback_bases()):  # type: ignore[misc]
         if outcome.snapshot is not None and outcome.snapshot.committed is None and self.governor is not None:
             # Inside Lightning's closure the optimizer's step pre-hook (which orders the step after
             # an in-flight CUDA capture) has already run: resolve the capture before the step.
-            _ = self.governor.last_good_state
+            self.governor.resolve_snapshot()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
