@@ -277,8 +277,8 @@ def run_demo(config: DemoConfig, *, on_step: StepCallback | None = None) -> Demo
             if on_step is not None:
                 on_step(outcome, events.last)
         result.snapshot_backend = governor.snapshot_backend
-        # Reading the LKG resolves a capture still in flight (CUDA), so its event is counted.
-        governor.last_good_state  # noqa: B018
+        # Settle a capture still in flight (CUDA), so its event is counted.
+        governor.resolve_snapshot()
     finally:
         for sink in sinks:
             hub.remove_sink(sink)
