@@ -5,11 +5,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <system_error>
-#include <thread>
 #include <utility>
 
 #include "cuda_snapshot.h"
+#include "host_threads.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -25,7 +24,6 @@ constexpr size_t kHugePageBytes = size_t{2} << 20;
 // microseconds and one core already streams several GB/s), so small arenas stay inline.
 constexpr size_t kParallelMinBytes = size_t{16} << 20;
 constexpr size_t kMinBytesPerThread = size_t{8} << 20;
-constexpr int kMaxAutoThreads = 8;
 
 size_t round_up(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
@@ -33,14 +31,7 @@ bool is_power_of_two(size_t value) { return value != 0 && (value & (value - 1)) 
 
 int thread_count(int max_threads, size_t total_bytes) {
   if (total_bytes < kParallelMinBytes) return 1;
-  size_t limit = 0;
-  if (max_threads > 0) {
-    limit = static_cast<size_t>(max_threads);
-  } else {
-    const unsigned hardware = std::thread::hardware_concurrency();
-    limit = std::min<size_t>(hardware == 0 ? 1 : hardware, kMaxAutoThreads);
-  }
-  return static_cast<int>(std::max<size_t>(1, std::min(limit, total_bytes / kMinBytesPerThread)));
+  return host_thread_count(max_threads, total_bytes, kMinBytesPerThread);
 }
 
 // Splits `ops` into `parts` lists of about equal bytes, cutting an op in two where a boundary
@@ -168,17 +159,7 @@ void parallel_memcpy(const std::vector<CopyOp>& ops, int max_threads) {
     return;
   }
   const auto lists = split_by_bytes(ops, total, threads);
-  std::vector<std::thread> workers;
-  workers.reserve(lists.size() - 1);
-  for (size_t i = 1; i < lists.size(); ++i) {
-    try {
-      workers.emplace_back(copy_all, std::cref(lists[i]));
-    } catch (const std::system_error&) {
-      copy_all(lists[i]);  // no thread to spare: do this share here, the copy still completes
-    }
-  }
-  copy_all(lists[0]);
-  for (auto& worker : workers) worker.join();
+  run_shares(lists.size(), [&lists](size_t share) { copy_all(lists[share]); });
 }
 
 CopyPlan::CopyPlan(std::shared_ptr<HostArena> arena, const ArenaLayout& layout) : arena_(std::move(arena)) {

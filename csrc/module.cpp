@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cuda_probe.h"
+#include "health_bindings.h"
 #include "snapshot_bindings.h"
 
 namespace py = pybind11;
@@ -39,4 +40,5 @@ PYBIND11_MODULE(_C, m) {
         "True when this build has CUDA and a driver with at least one device is present; "
         "False otherwise, without raising or printing.");
   tolaria::register_snapshot(m);
+  tolaria::register_health(m);
 }

@@ -130,7 +130,7 @@ def test_attribute_assignment_keeps_working_and_is_validated() -> None:
         (
             {"health_backend": "cuda"},
             ValueError,
-            r"health_backend must be one of \('auto', 'triton', 'reference'\)",
+            r"health_backend must be one of \('auto', 'triton', 'native', 'reference'\)",
         ),
         ({"check_gradients": 1}, TypeError, "check_gradients"),
         ({"optimizer": "adam"}, TypeError, "optimizer must be a torch.optim.Optimizer"),

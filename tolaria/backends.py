@@ -55,10 +55,15 @@ def health_backend_for(device: torch.device) -> BackendChoice:
         if not triton_installed():
             return BackendChoice("reference", "Triton is not installed (pip install 'tolaria[triton]')")
         return BackendChoice("reference", f"Triton does not import here: {triton_health_error()}")
+    if device.type == "cpu" and _ext.extension() is not None:
+        return BackendChoice("native", "compiled extension loaded: one pass over every CPU tensor in place")
+    if device.type == "cpu":
+        why = _ext.unavailable_reason() or "extension unavailable"
+        return BackendChoice("reference", f"the batched pure-PyTorch check ({why})")
     return BackendChoice(
         "reference",
-        f"{device.type} tensors use the batched pure-PyTorch check (Triton serves CUDA tensors;"
-        " on CPU it only runs under TRITON_INTERPRET=1, for tests)",
+        f"{device.type} tensors use the batched pure-PyTorch check (Triton serves CUDA tensors, the"
+        " compiled pass CPU tensors)",
     )
 
 

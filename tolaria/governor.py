@@ -74,7 +74,7 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
     are keyword-only: ``optimizer`` (its state is captured and restored with the model, and a
     step pre-hook keeps its updates ordered after in-flight captures), ``check_parameters`` /
     ``check_gradients`` (what ``check_health()`` inspects), ``snapshot_backend`` ("auto",
-    "native", "reference"), ``health_backend`` ("auto", "triton", "reference"), and
+    "native", "reference"), ``health_backend`` ("auto", "triton", "native" for CPU models, "reference"), and
     ``process_group`` (None: never a collective; "auto": the default group when
     torch.distributed is initialized; or a ProcessGroup, whose timeout bounds every agreement).
     With a group, every decision is agreed by all ranks (see :mod:`tolaria.distributed`).
@@ -113,6 +113,9 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         for name, flag in (("check_parameters", check_parameters), ("check_gradients", check_gradients)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        device = device_of(model)
+        if health_backend == "native" and device.type != "cpu":
+            raise ValueError(f"health_backend='native' checks CPU tensors; model on {device}: use 'auto'")
         self.model = model
         self.death_penalty = check_number("death_penalty", death_penalty, minimum=0.0)
         self._watch = Watch(
@@ -130,7 +133,7 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         self.check_gradients = check_gradients
         self.health_backend = health_backend
         self._group = make_decisions(process_group)
-        self._store = make_store(snapshot_backend, device=device_of(model), health_backend=health_backend)
+        self._store = make_store(snapshot_backend, device=device, health_backend=health_backend)
         self._store.hub_source = _current_hub
         self._commit = CommitLifecycle(self._store, self._group, self._verdicts, self._watch)
         self._last_grad_norm: float | None = None

@@ -1,7 +1,9 @@
-"""One call checks many tensors: dispatch to the fused Triton kernel or the pure-PyTorch reference.
+"""One call checks many tensors: dispatch to the fused Triton kernel, the compiled CPU pass or
+the pure-PyTorch reference.
 
 ``backend="auto"`` takes Triton for CUDA tensors when :func:`triton_health` says it imports
-(the answer :mod:`tolaria.backends` and ``tolaria doctor`` give too), the reference otherwise.
+(the answer :mod:`tolaria.backends` and ``tolaria doctor`` give too), the compiled pass of
+:mod:`tolaria.health.native` for CPU tensors when the extension loaded, the reference otherwise.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from typing import Literal, overload
 
 import torch
 
+from tolaria.health import native
 from tolaria.health.kinds import readable_all
 from tolaria.health.reference import reference_check, validate_tensors
 from tolaria.health.report import HealthHandle, HealthReport, ReadyHealth, build_report
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 
 _triton_plan: ModuleType | None = None
 _triton_error: str | None = None
@@ -73,16 +76,18 @@ def check_tensors(
     non-blocking call waits for the device, including the first reuse of a tensor set (when
     the CUDA graph is captured). The report is built only by ``result()``.
 
-    ``backend``: ``"auto"`` uses Triton for CUDA tensors when it imports, else the reference;
-    ``"triton"`` forces the kernel (CPU tensors only under TRITON_INTERPRET=1);
-    ``"reference"`` forces pure PyTorch.
+    ``backend``: ``"auto"`` uses Triton for CUDA tensors when it imports, the compiled pass
+    for CPU tensors when the extension loaded, else the reference; ``"triton"`` forces the
+    kernel (CPU tensors only under TRITON_INTERPRET=1); ``"native"`` forces the compiled CPU
+    pass; ``"reference"`` forces pure PyTorch.
 
     Every kind of tensor a model holds is accepted (:mod:`tolaria.health.kinds`): a DTensor's
     local shard is checked, a sparse tensor's coalesced values, a complex tensor's real view.
 
     Raises ValueError for an unknown backend, tensors on several devices or a tensor without
-    data (meta, lazy); TypeError when ``named_tensors`` is a mapping or does not hold
-    ``(str, tensor)`` pairs; RuntimeError when ``"triton"`` cannot run.
+    data (meta, lazy), and for ``"native"`` with tensors off the CPU; TypeError when
+    ``named_tensors`` is a mapping or does not hold ``(str, tensor)`` pairs; RuntimeError when
+    ``"triton"`` or ``"native"`` cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -112,8 +117,11 @@ def check_tensors(
     ):
         handle = _check_triton(names, tensors)
     else:
-        validate_tensors(names, tensors)
-        handle = ReadyHealth(reference_check(names, tensors))
+        device = validate_tensors(names, tensors)
+        if backend == "native" or (backend == "auto" and device.type == "cpu" and native.available()):
+            handle = ReadyHealth(native.native_check(names, tensors))
+        else:
+            handle = ReadyHealth(reference_check(names, tensors))
     return handle.result() if blocking else handle
 
 

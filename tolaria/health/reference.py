@@ -74,10 +74,13 @@ def _group_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.
         return [torch.linalg.vector_norm(t, dtype=accumulate) for t in tensors]
 
 
-def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.stack(
-        [torch.isnan(tensor).sum(), torch.isposinf(tensor).sum(), torch.isneginf(tensor).sum()]
-    )
+def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """How many NaN, +Inf and -Inf elements ``tensor`` holds (one read back to the host)."""
+    with torch.no_grad():
+        nan, posinf, neginf = torch.stack(
+            [torch.isnan(tensor).sum(), torch.isposinf(tensor).sum(), torch.isneginf(tensor).sum()]
+        ).tolist()
+    return nan, posinf, neginf
 
 
 def _single_group(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
@@ -121,7 +124,7 @@ def _check_one_group(
         with torch.no_grad():
             for index, value in enumerate(norms):
                 if not math.isfinite(value):
-                    nan[index], posinf[index], neginf[index] = _count_nonfinite(tensors[index]).tolist()
+                    nan[index], posinf[index], neginf[index] = count_nonfinite(tensors[index])
     return build_report(names, norms, nan, posinf, neginf, "reference")
 
 
@@ -175,5 +178,5 @@ def reference_check(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> He
             for members in groups.values():
                 for index, tensor in members:
                     if not math.isfinite(norms[index]):
-                        nan[index], posinf[index], neginf[index] = _count_nonfinite(tensor).tolist()
+                        nan[index], posinf[index], neginf[index] = count_nonfinite(tensor)
     return build_report(names, norms, nan, posinf, neginf, "reference")

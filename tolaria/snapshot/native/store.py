@@ -250,8 +250,8 @@ class NativeSnapshotStore(BufferedStore):
         return detail, first_bad, False
 
     def _host_backend(self) -> str:
-        # Staging bytes live on the host, where Triton runs only under its interpreter.
-        return "reference" if self.health_backend == "auto" else self.health_backend
+        # Staging bytes live on the host: "auto" reads them with the compiled CPU pass.
+        return self.health_backend
 
     def _discard_pending(self) -> None:
         pending, self._pending = self._pending, None
