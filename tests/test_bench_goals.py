@@ -7,6 +7,7 @@ never a timing of this machine.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,32 @@ def test_an_overhead_line_never_reports_a_negative_cost() -> None:
     assert "not a speed-up" in faster
     noisy = wording.overhead_line("s", base, _timed("guarded-blocking", 0.0651, spread=0.6))
     assert "inside this run's noise (\u221234.9 % at the median" in noisy
+
+
+def test_paired_rounds_are_what_an_overhead_line_and_a_goal_read() -> None:
+    base = _timed("unguarded", 0.100, spread=0.3)  # a drifting run: the medians alone say little
+    paired = replace(_timed("guarded-blocking", 0.130, spread=0.3), paired=(0.04, 0.02, 0.06))
+    assert wording.overhead_line("s", base, paired) == (
+        "s: GuardedStep (blocking) adds +4.0 % to the step (p10–p90 of 5 rounds paired with the unguarded "
+        "step: +2.0 % to +6.0 %)"
+    )
+    noisy = replace(paired, paired=(0.01, -0.02, 0.03))
+    assert "is inside this run's noise (+1.0 % at the median; p10–p90" in wording.overhead_line(
+        "s", base, noisy
+    )
+    faster = replace(paired, paired=(-0.05, -0.08, -0.01))
+    line = wording.overhead_line("s", base, faster)
+    assert "adds" not in line and "5.0 % faster than the unguarded step" in line and line.endswith(": drift")
+    # The goal reads the paired figure (+4 %, met), not the ratio of medians (+30 %, not met).
+    rows = [_row("training-step/transformer-292-tensors", "unguarded", 0.100, spread=0.3)]
+    for variant, pair in (("guarded-blocking", [0.04, 0.02, 0.06]), ("guarded-deferred", [0.08, 0.05, 0.12])):
+        rows.append(
+            {**_row("training-step/transformer-292-tensors", variant, 0.130, spread=0.3), "paired": pair}
+        )
+    verdict = _by_name(_payload("cpu", rows))["guard-overhead-300-cpu"]
+    assert verdict.status == goals.MET
+    assert verdict.measured == "guarded-blocking +4.0 %, guarded-deferred +8.0 % at the median"
+    assert verdict.note == "the target lies inside this run's p10–p90 spread"  # deferred's p90 is +12 %
 
 
 def test_speed_and_limit_lines() -> None:

@@ -81,6 +81,10 @@ def test_the_bench_runs_from_elsewhere_without_the_checkout_and_leaves_it_alone(
     assert {("snapshot/many-small", "governor-snapshot"), ("restore/many-small", "governor-rollback"),
             ("training-step/mlp-4-tensors", "guarded-blocking"),
             ("training-step/mlp-4-tensors", "guarded-deferred")} <= variants  # fmt: skip
+    # Every training row but the baseline's carries its overhead paired round by round with it.
+    training = [row for row in data["rows"] if row["scenario"] == "training-step/mlp-4-tensors"]
+    assert {row["variant"] for row in training if row["paired"] is None} == {"unguarded"}
+    assert all(len(row["paired"]) == 3 for row in training if row["variant"] != "unguarded")
     lines = (tmp_path / "rows" / "bench.csv").read_text().splitlines()
     assert lines[0].startswith("timestamp,git_sha,tolaria,torch,device,scenario,variant")
     assert len(lines) == 1 + len(data["rows"])

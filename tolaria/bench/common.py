@@ -21,7 +21,11 @@ import torch
 
 @dataclass(frozen=True)
 class Measurement:
-    """One timed variant of one scenario; times in seconds, ``bytes`` read or moved per call."""
+    """One timed variant of one scenario; times in seconds, ``bytes`` read or moved per call.
+
+    ``paired``: for a variant timed in rounds interleaved with its baseline (the training
+    step), the median, p10 and p90 over the rounds of (this round's time / the baseline's time
+    in the same round) − 1: drift that slows a whole round cancels out of each ratio."""
 
     scenario: str
     variant: str
@@ -31,6 +35,7 @@ class Measurement:
     p90_s: float
     reps: int
     bytes: int = 0
+    paired: tuple[float, float, float] | None = None
 
     @property
     def gbps(self) -> float | None:
@@ -56,6 +61,12 @@ class ByteCount:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def paired_overhead(samples: Sequence[float], baseline: Sequence[float]) -> tuple[float, float, float]:
+    """Median, p10 and p90 of ``samples[i] / baseline[i] − 1``, round by round."""
+    ratios = [value / base - 1 for value, base in zip(samples, baseline, strict=True)]
+    return percentile(ratios, 0.5), percentile(ratios, 0.1), percentile(ratios, 0.9)
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:

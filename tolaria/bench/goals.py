@@ -28,6 +28,7 @@ class _Row:
     median_s: float
     p10_s: float
     p90_s: float
+    paired: tuple[float, float, float] | None = None  # per-round overhead: median, p10, p90
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,10 @@ def _rows(payload: Mapping[str, Any]) -> dict[tuple[str, str], _Row]:
     rows = {}
     for row in payload.get("rows", ()):
         try:
-            timed = _Row(float(row["median_s"]), float(row["p10_s"]), float(row["p90_s"]))
-        except (KeyError, TypeError, ValueError):
+            paired = row.get("paired")
+            pair = (float(paired[0]), float(paired[1]), float(paired[2])) if paired is not None else None
+            timed = _Row(float(row["median_s"]), float(row["p10_s"]), float(row["p90_s"]), pair)
+        except (KeyError, TypeError, ValueError, IndexError):
             continue
         if all(math.isfinite(v) and v > 0 for v in (timed.median_s, timed.p10_s, timed.p90_s)):
             rows[(str(row["scenario"]), str(row["variant"]))] = timed
@@ -136,8 +139,11 @@ def judge(goal: Goal, payload: Mapping[str, Any]) -> Verdict:
             value, low, high = row.median_s / base.median_s, row.p10_s / base.p90_s, row.p90_s / base.p10_s
             ok, text = value <= goal.target, _percent(value, 2)
         elif goal.kind == "overhead" and base is not None:
-            value = row.median_s / base.median_s - 1
-            low, high = row.p10_s / base.p90_s - 1, row.p90_s / base.p10_s - 1
+            if row.paired is not None:  # rounds paired with the baseline's (older runs: medians)
+                value, low, high = row.paired
+            else:
+                value = row.median_s / base.median_s - 1
+                low, high = row.p10_s / base.p90_s - 1, row.p90_s / base.p10_s - 1
             ok, text = value <= goal.target, f"{variant} {_percent(value, signed=True)}"
             if value < 0:  # a guarded step cannot be cheaper than the unguarded one
                 text += f" (below {goal.baseline}: noise or drift, not a speed-up)"

@@ -14,10 +14,12 @@ window so that drift (clocks, other load) hits them alike:
   same checks with no host sync; their verdicts are judged when they land (at once on CPU).
 
 A window is K steps, so each holds exactly one snapshot; a step's time is its window's over K.
-Overhead = step time / the unguarded step time − 1 (with the run's noise, see
-:mod:`tolaria.bench.wording`). There is no physical limit to hold a step against; instead each
-scenario gets computed byte counts (:func:`bytes_read`): what ``clip_grad_norm_``, tolaria's
-check and the two together read per step, from tensor sizes, not timed.
+Overhead is paired: per round, a loop's window time / the unguarded window of the same round − 1,
+and the median (p10, p90) of that over the rounds (:attr:`Measurement.paired`), so drift that
+slows a whole round cancels out (with the run's noise, see :mod:`tolaria.bench.wording`). There
+is no physical limit to hold a step against; instead each scenario gets computed byte counts
+(:func:`bytes_read`): what ``clip_grad_norm_``, tolaria's check and the two together read per
+step, from tensor sizes, not timed.
 
 Models: GPT-2 small (bf16 autocast, as it would train) on CUDA; on CPU a 24-layer transformer
 (292 parameter tensors) and a two-layer MLP (4 parameter tensors), the two sizes the CPU goals
@@ -42,6 +44,7 @@ from tolaria.bench.common import (
     Measurement,
     device_label,
     measure,
+    paired_overhead,
     percentile,
     release_cached_memory,
     synchronize,
@@ -191,11 +194,13 @@ def setup_rows(
     budget_s: float | None = None,
 ) -> list[Measurement]:
     """Per-step time of the four loops on one setup: median (p10, p90) over interleaved windows of
-    K steps; at least ``fewest`` rounds of windows (default 3, 8 without ``quick``), more while a
-    time budget of ``budget_s`` seconds of timed windows lasts (default 2 s, 10 s), at most 30 (100)."""
+    K steps; at least ``fewest`` rounds of windows (default 6, 10 without ``quick``), more while a
+    time budget of ``budget_s`` seconds of timed windows lasts (default 3 s, 10 s), at most 30 (100).
+    Each row but the baseline's also carries its overhead paired round by round with the
+    baseline's window of the same round (:attr:`Measurement.paired`)."""
     batches = _batches_on(setup, device)
     loops = [_Loop(variant, setup, device, batches) for variant in VARIANTS]
-    default_fewest, most, default_budget = (3, 30, 2.0) if quick else (8, 100, 10.0)
+    default_fewest, most, default_budget = (6, 30, 3.0) if quick else (10, 100, 10.0)
     fewest = default_fewest if fewest is None else fewest
     budget_s = default_budget if budget_s is None else budget_s
     for loop in loops:  # warm-up: allocator, autotuning, the first snapshot's arena
@@ -211,9 +216,11 @@ def setup_rows(
             samples[loop.variant].append(seconds / SNAPSHOT_EVERY)
         rounds += 1
     scenario, label = f"training-step/{setup.name}", device_label(device)
+    base = samples[TRAINING_BASELINE]
     rows = [
         Measurement(scenario, variant, label, percentile(times, 0.5), percentile(times, 0.1),
-                    percentile(times, 0.9), len(times))
+                    percentile(times, 0.9), len(times),
+                    paired=None if variant == TRAINING_BASELINE else paired_overhead(times, base))
         for variant, times in samples.items()
     ]  # fmt: skip
     del loops

@@ -61,9 +61,22 @@ def inside_noise(a: Measurement, b: Measurement) -> bool:
 
 
 def overhead_line(scenario: str, base: Measurement, candidate: Measurement, what: str = "the step") -> str:
-    """What ``candidate`` adds to ``base``'s time, or that the run cannot tell."""
-    overhead = candidate.median_s / base.median_s - 1
+    """What ``candidate`` adds to ``base``'s time, or that the run cannot tell. With paired
+    rounds (:attr:`Measurement.paired`) the median of the per-round overheads is quoted, and the
+    run cannot tell when their p10–p90 range holds zero."""
     name, base_name = label(candidate.variant), label(base.variant)
+    if candidate.paired is not None:
+        overhead, low, high = candidate.paired
+        shown = percent(overhead, signed=True)
+        spread = (f"p10–p90 of {candidate.reps} rounds paired with {base_name}: "
+                  f"{percent(low, signed=True)} to {percent(high, signed=True)}")  # fmt: skip
+        if low <= 0 <= high:
+            return f"{scenario}: {name} is inside this run's noise ({shown} at the median; {spread})"
+        if overhead < 0:
+            faster = percent(-overhead)
+            return f"{scenario}: {name} measured {faster} faster than {base_name} ({spread}): drift"
+        return f"{scenario}: {name} adds {shown} to {what} ({spread})"
+    overhead = candidate.median_s / base.median_s - 1
     if inside_noise(base, candidate):
         return (
             f"{scenario}: {name} is inside this run's noise ({percent(overhead, signed=True)} at the median; "
