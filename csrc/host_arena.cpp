@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "cuda_snapshot.h"
+#include "host_health.h"
 #include "host_threads.h"
 
 #ifdef __linux__
@@ -205,6 +206,11 @@ std::vector<CopyOp> CopyPlan::ops(const std::vector<uintptr_t>& live, bool to_ho
 
 void CopyPlan::capture_host(const std::vector<uintptr_t>& live, int max_threads, const Slots& slots) const {
   parallel_memcpy(ops(live, true, slots), max_threads);
+}
+
+std::vector<double> CopyPlan::capture_host_checked(const std::vector<uintptr_t>& live, const std::vector<int>& dtypes,
+                                                   int max_threads, const Slots& slots) const {
+  return copy_sum_squares(ops(live, true, slots), dtypes, max_threads);
 }
 
 void CopyPlan::restore_host(const std::vector<uintptr_t>& live, int max_threads, const Slots& slots) const {

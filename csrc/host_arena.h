@@ -105,6 +105,10 @@ class CopyPlan {
   // CPU tensors: live -> slot (capture) or slot -> live (restore). Blocking.
   void capture_host(const std::vector<uintptr_t>& live, int max_threads, const Slots& slots) const;
   void restore_host(const std::vector<uintptr_t>& live, int max_threads, const Slots& slots) const;
+  // capture_host fused with the health pass: returns each copied slot's sum of squares
+  // (dtypes: one code per address, as copy_sum_squares in host_health.h takes them).
+  std::vector<double> capture_host_checked(const std::vector<uintptr_t>& live, const std::vector<int>& dtypes,
+                                           int max_threads, const Slots& slots) const;
 
   // CUDA tensors: device->host copies enqueued on `stream`; returns before they complete.
   void capture_device(const std::vector<uintptr_t>& live, uintptr_t stream, int device, const Slots& slots) const;

@@ -44,9 +44,15 @@ double block_sum(const float* data, size_t count) {
   return total;
 }
 
-double sum_floats(const float* data, size_t count) {
+// With `dst`, each block is copied there first and the copy is summed (from L1, where the copy
+// just put it): one read of the source and one write, and the sum is of exactly the bytes written.
+double sum_floats(const float* data, float* dst, size_t count) {
   double total = 0.0;
-  for (size_t index = 0; index < count; index += kBlock) total += block_sum(data + index, std::min(kBlock, count - index));
+  for (size_t index = 0; index < count; index += kBlock) {
+    const size_t take = std::min(kBlock, count - index);
+    if (dst != nullptr) std::memcpy(dst + index, data + index, take * sizeof(float));
+    total += block_sum((dst != nullptr ? dst : data) + index, take);
+  }
   return total;
 }
 
@@ -70,18 +76,27 @@ inline float bfloat16_value(uint16_t value) { return float_from_bits(static_cast
 // Half-width floats are widened a block at a time into a buffer on the stack (exact: both fit
 // fp32), then summed like fp32.
 template <typename Widen>
-double sum_halves(const uint16_t* data, size_t count, Widen widen) {
+double sum_halves(const uint16_t* data, uint16_t* dst, size_t count, Widen widen) {
   float widened[kBlock];
   double total = 0.0;
   for (size_t index = 0; index < count; index += kBlock) {
     const size_t take = std::min(kBlock, count - index);
-    for (size_t i = 0; i < take; ++i) widened[i] = widen(data[index + i]);
+    const uint16_t* block = data + index;
+    if (dst != nullptr) {
+      std::memcpy(dst + index, block, take * sizeof(uint16_t));
+      block = dst + index;
+    }
+    for (size_t i = 0; i < take; ++i) widened[i] = widen(block[i]);
     total += block_sum(widened, take);
   }
   return total;
 }
 
-double sum_doubles(const double* data, size_t count) {
+double sum_doubles(const double* data, double* dst, size_t count) {
+  if (dst != nullptr) {
+    std::memcpy(dst, data, count * sizeof(double));
+    data = dst;  // fp64 is rare on the host path: one copy, then one pass over it
+  }
   constexpr size_t kDoubleLanes = 8;
   double lanes[kDoubleLanes] = {};
   size_t index = 0;
@@ -94,23 +109,19 @@ double sum_doubles(const double* data, size_t count) {
   return total;
 }
 
-// `count` elements of one dtype starting at element `first` of the tensor at `address`.
-double sum_range(uintptr_t address, HealthDtype dtype, size_t first, size_t count) {
-  switch (dtype) {
-    case HealthDtype::kFloat32:
-      return sum_floats(reinterpret_cast<const float*>(address) + first, count);
-    case HealthDtype::kFloat16:
-      return sum_halves(reinterpret_cast<const uint16_t*>(address) + first, count, half_magnitude);
-    case HealthDtype::kBFloat16:
-      return sum_halves(reinterpret_cast<const uint16_t*>(address) + first, count, bfloat16_value);
-    case HealthDtype::kFloat64:
-      return sum_doubles(reinterpret_cast<const double*>(address) + first, count);
-  }
-  return 0.0;  // unreachable: codes are validated before any work starts
-}
+// One tensor (or arena slot) for a pass: `numel` elements of `dtype` at `src`, copied to `dst`
+// first when `dst` is not null. kBytes: raw bytes (integer buffers), copied and never summed.
+constexpr int kBytes = -1;
 
-size_t element_bytes(HealthDtype dtype) {
-  switch (dtype) {
+struct Range {
+  uintptr_t src;
+  uintptr_t dst;
+  size_t numel;
+  int dtype;
+};
+
+size_t element_bytes(int dtype) {
+  switch (static_cast<HealthDtype>(dtype)) {
     case HealthDtype::kFloat32:
       return 4;
     case HealthDtype::kFloat16:
@@ -119,7 +130,29 @@ size_t element_bytes(HealthDtype dtype) {
     case HealthDtype::kFloat64:
       return 8;
   }
-  return 0;
+  return 1;  // kBytes
+}
+
+template <typename T>
+T* at(uintptr_t address, size_t first) {
+  return address == 0 ? nullptr : reinterpret_cast<T*>(address) + first;
+}
+
+// `count` elements starting at element `first` of `range`.
+double pass_range(const Range& range, size_t first, size_t count) {
+  switch (range.dtype) {
+    case static_cast<int>(HealthDtype::kFloat32):
+      return sum_floats(at<const float>(range.src, first), at<float>(range.dst, first), count);
+    case static_cast<int>(HealthDtype::kFloat16):
+      return sum_halves(at<const uint16_t>(range.src, first), at<uint16_t>(range.dst, first), count, half_magnitude);
+    case static_cast<int>(HealthDtype::kBFloat16):
+      return sum_halves(at<const uint16_t>(range.src, first), at<uint16_t>(range.dst, first), count, bfloat16_value);
+    case static_cast<int>(HealthDtype::kFloat64):
+      return sum_doubles(at<const double>(range.src, first), at<double>(range.dst, first), count);
+    default:  // kBytes
+      if (range.dst != 0) std::memcpy(at<char>(range.dst, first), at<const char>(range.src, first), count);
+      return 0.0;
+  }
 }
 
 // A piece of one tensor: a thread's share cuts a large tensor where the byte boundary falls.
@@ -131,6 +164,64 @@ struct Piece {
 
 }  // namespace
 
+namespace {
+
+// Every range's sum of squares, on as many threads as its bytes pay for.
+std::vector<double> run_pass(const std::vector<Range>& ranges, int max_threads) {
+  size_t total_bytes = 0;
+  for (const Range& range : ranges) total_bytes += range.numel * element_bytes(range.dtype);
+  std::vector<double> sums(ranges.size(), 0.0);
+  const int threads = host_thread_count(max_threads, total_bytes, kMinBytesPerThread);
+  if (threads <= 1) {
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      if (ranges[i].numel != 0) sums[i] = pass_range(ranges[i], 0, ranges[i].numel);
+    }
+    return sums;
+  }
+  // Shares of about equal bytes, cut at element boundaries; each thread adds its pieces' partial
+  // sums into its own row, and the rows are added per range at the end (no shared writes).
+  std::vector<std::vector<Piece>> shares(static_cast<size_t>(threads));
+  const size_t share_bytes = (total_bytes + threads - 1) / threads;
+  size_t share = 0;
+  size_t filled = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const size_t width = element_bytes(ranges[i].dtype);
+    size_t done = 0;
+    while (done < ranges[i].numel) {
+      if (filled >= share_bytes && share + 1 < shares.size()) {
+        ++share;
+        filled = 0;
+      }
+      const size_t room = share + 1 < shares.size() ? (share_bytes - filled + width - 1) / width : ranges[i].numel;
+      const size_t take = std::min(ranges[i].numel - done, std::max<size_t>(room, 1));
+      shares[share].push_back({i, done, take});
+      done += take;
+      filled += take * width;
+    }
+  }
+  std::vector<std::vector<double>> rows(shares.size(), std::vector<double>(ranges.size(), 0.0));
+  run_shares(shares.size(), [&](size_t which) {
+    for (const Piece& piece : shares[which]) {
+      rows[which][piece.tensor] += pass_range(ranges[piece.tensor], piece.first, piece.count);
+    }
+  });
+  for (const auto& row : rows) {
+    for (size_t i = 0; i < ranges.size(); ++i) sums[i] += row[i];
+  }
+  return sums;
+}
+
+void check_dtype(int dtype, size_t index, bool bytes_allowed) {
+  const bool known = dtype >= 0 && dtype <= static_cast<int>(HealthDtype::kFloat64);
+  if (!known && !(bytes_allowed && dtype == kBytes)) {
+    throw InvalidArgument("dtypes[" + std::to_string(index) + "] = " + std::to_string(dtype) +
+                          " is not a dtype code (0 float32, 1 float16, 2 bfloat16, 3 float64" +
+                          (bytes_allowed ? ", -1 raw bytes)" : ")"));
+  }
+}
+
+}  // namespace
+
 std::vector<double> sum_squares_host(const std::vector<uintptr_t>& addresses, const std::vector<size_t>& numels,
                                      const std::vector<int>& dtypes, int max_threads) {
   const size_t tensors = addresses.size();
@@ -138,59 +229,34 @@ std::vector<double> sum_squares_host(const std::vector<uintptr_t>& addresses, co
     throw InvalidArgument("addresses, numels and dtypes differ in length: " + std::to_string(tensors) + ", " +
                           std::to_string(numels.size()) + ", " + std::to_string(dtypes.size()));
   }
-  std::vector<HealthDtype> kinds(tensors);
-  size_t total_bytes = 0;
+  std::vector<Range> ranges(tensors);
   for (size_t i = 0; i < tensors; ++i) {
-    if (dtypes[i] < 0 || dtypes[i] > static_cast<int>(HealthDtype::kFloat64)) {
-      throw InvalidArgument("dtypes[" + std::to_string(i) + "] = " + std::to_string(dtypes[i]) +
-                            " is not a dtype code (0 float32, 1 float16, 2 bfloat16, 3 float64)");
-    }
+    check_dtype(dtypes[i], i, false);
     if (addresses[i] == 0 && numels[i] != 0) {
       throw InvalidArgument("tensor address " + std::to_string(i) + " is null");
     }
-    kinds[i] = static_cast<HealthDtype>(dtypes[i]);
-    total_bytes += numels[i] * element_bytes(kinds[i]);
+    ranges[i] = {addresses[i], 0, numels[i], dtypes[i]};
   }
-  std::vector<double> sums(tensors, 0.0);
-  const int threads = host_thread_count(max_threads, total_bytes, kMinBytesPerThread);
-  if (threads <= 1) {
-    for (size_t i = 0; i < tensors; ++i) {
-      if (numels[i] != 0) sums[i] = sum_range(addresses[i], kinds[i], 0, numels[i]);
+  return run_pass(ranges, max_threads);
+}
+
+std::vector<double> copy_sum_squares(const std::vector<CopyOp>& ops, const std::vector<int>& dtypes, int max_threads) {
+  if (dtypes.size() != ops.size()) {
+    throw InvalidArgument("expected " + std::to_string(ops.size()) + " dtype codes (one per copy), got " +
+                          std::to_string(dtypes.size()));
+  }
+  std::vector<Range> ranges(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    check_dtype(dtypes[i], i, true);
+    const size_t width = element_bytes(dtypes[i]);
+    if (ops[i].nbytes % width != 0) {
+      throw InvalidArgument("copy " + std::to_string(i) + " has " + std::to_string(ops[i].nbytes) +
+                            " bytes, not a whole number of its " + std::to_string(width) + "-byte elements");
     }
-    return sums;
+    ranges[i] = {reinterpret_cast<uintptr_t>(ops[i].src), reinterpret_cast<uintptr_t>(ops[i].dst), ops[i].nbytes / width,
+                 dtypes[i]};
   }
-  // Shares of about equal bytes; each thread adds its pieces' partial sums into its own row,
-  // and the rows are added per tensor at the end (no shared writes while threads run).
-  std::vector<std::vector<Piece>> shares(static_cast<size_t>(threads));
-  const size_t share_bytes = (total_bytes + threads - 1) / threads;
-  size_t share = 0;
-  size_t filled = 0;
-  for (size_t i = 0; i < tensors; ++i) {
-    const size_t width = element_bytes(kinds[i]);
-    size_t done = 0;
-    while (done < numels[i]) {
-      if (filled >= share_bytes && share + 1 < shares.size()) {
-        ++share;
-        filled = 0;
-      }
-      const size_t room = share + 1 < shares.size() ? (share_bytes - filled + width - 1) / width : numels[i];
-      const size_t take = std::min(numels[i] - done, std::max<size_t>(room, 1));
-      shares[share].push_back({i, done, take});
-      done += take;
-      filled += take * width;
-    }
-  }
-  std::vector<std::vector<double>> rows(shares.size(), std::vector<double>(tensors, 0.0));
-  auto run = [&](size_t which) {
-    for (const Piece& piece : shares[which]) {
-      rows[which][piece.tensor] += sum_range(addresses[piece.tensor], kinds[piece.tensor], piece.first, piece.count);
-    }
-  };
-  run_shares(shares.size(), run);
-  for (const auto& row : rows) {
-    for (size_t i = 0; i < tensors; ++i) sums[i] += row[i];
-  }
-  return sums;
+  return run_pass(ranges, max_threads);
 }
 
 }  // namespace tolaria

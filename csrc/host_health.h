@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "host_arena.h"
+
 namespace tolaria {
 
 // The element types the host check reads, by the codes tolaria/health/native.py passes.
@@ -22,5 +24,10 @@ enum class HealthDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat
 // host_arena.h) on mismatched lengths, an unknown dtype code or a null address.
 std::vector<double> sum_squares_host(const std::vector<uintptr_t>& addresses, const std::vector<size_t>& numels,
                                      const std::vector<int>& dtypes, int max_threads);
+
+// The same pass fused into a copy: each op is copied block by block and each block's copy is
+// summed while it is in cache, so a verified capture reads its source once. dtypes[i] is op i's
+// code, or -1 for raw bytes (copied, sum 0); an op's byte count must be whole elements.
+std::vector<double> copy_sum_squares(const std::vector<CopyOp>& ops, const std::vector<int>& dtypes, int max_threads);
 
 }  // namespace tolaria

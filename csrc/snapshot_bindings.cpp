@@ -77,6 +77,11 @@ void register_copy_plan(py::module_& m) {
       .def("capture_host", &CopyPlan::capture_host, py::arg("addresses"), py::arg("threads") = 0,
            py::arg("slots") = CopyPlan::Slots{}, Release(),
            "memcpy each CPU tensor into its slot (threads=0: automatic). Blocking.")
+      .def("capture_host_checked", &CopyPlan::capture_host_checked, py::arg("addresses"), py::arg("dtypes"),
+           py::arg("threads") = 0, py::arg("slots") = CopyPlan::Slots{}, Release(),
+           "capture_host fused with the host health pass: copies each CPU tensor into its slot and "
+           "returns the sum of squares of what was written, per address (dtypes: 0 float32, 1 float16, "
+           "2 bfloat16, 3 float64, -1 raw bytes: copied, sum 0). Blocking.")
       .def("restore_host", &CopyPlan::restore_host, py::arg("addresses"), py::arg("threads") = 0,
            py::arg("slots") = CopyPlan::Slots{}, Release(),
            "memcpy each slot back into its CPU tensor. Blocking.")

@@ -205,3 +205,99 @@ def test_without_the_extension_native_says_why(monkeypatch: pytest.MonkeyPatch) 
         native_check(["a"], [torch.ones(2)])
     assert check_tensors([("a", torch.ones(2))]).backend == "reference"  # auto falls back
     assert health_backend_for(torch.device("cpu")).backend == "reference"
+
+
+# -- the pass fused into the snapshot copy (CopyPlan.capture_host_checked) ----------------------
+
+
+def _arena_copy(
+    sources: list[torch.Tensor], codes: list[int], threads: int = 0
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Capture ``sources`` into a fresh arena with the fused pass; the sums and the slots' bytes."""
+    sizes = [max(s.nbytes, 1) for s in sources]
+    layout = _C.plan_layout(sizes)
+    arena = _C.HostArena(layout.chunk_sizes)
+    plan = _C.CopyPlan(arena, layout)
+    live = [i for i, s in enumerate(sources) if s.nbytes]
+    sums = plan.capture_host_checked(
+        [sources[i].data_ptr() for i in live], [codes[i] for i in live], threads, live
+    )
+    chunks = [torch.frombuffer(chunk, dtype=torch.uint8) for chunk in arena.chunks]
+    copies = []
+    for source, chunk, offset in zip(sources, layout.chunk_index, layout.offsets, strict=True):
+        copies.append(chunks[chunk][offset : offset + source.nbytes])
+    return sums, copies
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_fused_capture_copies_every_byte_and_sums_what_it_wrote(threads: int) -> None:
+    generator = torch.Generator().manual_seed(6)
+    sources = [torch.randn(n, generator=generator).to(d) for d in DTYPES for n in (1, 17, 513)]
+    sources += [
+        torch.randn(1_500_001, generator=generator),
+        torch.randn(700_001, generator=generator).double(),
+    ]
+    sources += [torch.arange(7), torch.tensor([True, False, True])]  # raw bytes: copied, not summed
+    codes = [DTYPE_CODES.get(s.dtype, -1) for s in sources]
+    sums, copies = _arena_copy(sources, codes, threads)
+    for source, copy in zip(sources, copies, strict=True):
+        assert torch.equal(copy, source.view(-1).view(torch.uint8)), source.dtype
+    expected = _C.sum_squares_host(
+        [s.data_ptr() for s in sources[:-2]], [s.numel() for s in sources[:-2]], codes[:-2]
+    )
+    assert sums[:-2] == pytest.approx(expected, rel=1e-9) and sums[-2:] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", [0, 700_000, -1])
+def test_the_fused_capture_sees_a_nonfinite_element_anywhere(dtype: torch.dtype, where: int) -> None:
+    generator = torch.Generator().manual_seed(7)
+    sources = [
+        torch.randn(1_400_003, generator=generator).to(dtype),
+        torch.randn(9, generator=generator).to(dtype),
+    ]
+    sources[0][where] = math.nan if where else -math.inf
+    sums, _ = _arena_copy(sources, [DTYPE_CODES[dtype]] * 2, threads=2)
+    assert not math.isfinite(sums[0]) and math.isfinite(sums[1])
+
+
+def test_the_fused_capture_refuses_bad_codes_and_partial_elements() -> None:
+    layout = _C.plan_layout([6])
+    plan = _C.CopyPlan(_C.HostArena(layout.chunk_sizes), layout)
+    source = torch.zeros(6, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="not a whole number of its 4-byte elements"):
+        plan.capture_host_checked([source.data_ptr()], [0])
+    with pytest.raises(ValueError, match="expected 1 dtype codes"):
+        plan.capture_host_checked([source.data_ptr()], [])
+    with pytest.raises(ValueError, match=r"dtypes\[0\] = 9 is not a dtype code .* -1 raw bytes"):
+        plan.capture_host_checked([source.data_ptr()], [9])
+
+
+def test_a_governor_snapshot_is_verified_by_the_fused_copy() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))  # an int64 buffer too
+    governor = TolariaGovernor(model)
+    assert governor.snapshot().committed
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)  # finite, but its fp32 squares overflow: not a sick capture
+    assert governor.snapshot().committed
+    with torch.no_grad():
+        model[0].bias[1] = math.nan
+    refused = governor.snapshot()  # the LKG stays the one before
+    assert not refused.committed and refused.first_bad == "0.bias"
+    assert governor.last_good_state is not None
+    assert torch.all(governor.last_good_state["0.weight"] == 1e30)
+    assert int(governor.last_good_state["1.num_batches_tracked"]) == int(model[1].num_batches_tracked)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no fp8 dtype")
+def test_an_fp8_tensor_the_fused_copy_cannot_read_is_still_verified() -> None:
+    from tolaria.snapshot.native import NativeSnapshotStore
+
+    store = NativeSnapshotStore()
+    state = {"w": torch.randn(8), "f8": torch.randn(16).to(torch.float8_e4m3fn)}
+    store.capture(state)
+    assert store.resolve().committed
+    state["f8"][3] = math.nan
+    store.capture(state)
+    resolution = store.resolve()
+    assert not resolution.committed and resolution.first_bad == "f8"

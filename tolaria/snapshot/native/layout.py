@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tolaria.health.native import DTYPE_CODES
 from tolaria.snapshot.ties import storage_groups
 
 # Column by column: keys, dtypes, shapes, devices, contiguity, types, lazy negation (a view
@@ -184,6 +185,13 @@ class ArenaPlan:
             else:
                 self.direct.append(slot)
         self.all_direct = len(self.direct) == len(reps)
+        # CPU: the fused capture's dtype code per direct slot (-1: raw bytes, copied, not summed),
+        # the name each sum is reported under, and the float slots it cannot read (fp8), which are
+        # checked after the copy instead.
+        self.direct_codes = [DTYPE_CODES.get(self.slot_dtype[s], -1) for s in self.direct]
+        self.direct_names = [self.keys[self.slot_key[s]] for s in self.direct]
+        float_slots = [s for s in self.direct if self.slot_dtype[s].is_floating_point]
+        self.unsummed = [s for s in float_slots if self.slot_dtype[s] not in DTYPE_CODES]
         self.direct_keys = [self.slot_key[s] for s in self.direct]
         self._pick_direct = _picker(self.direct_keys)
         # A restore into the captured tensors themselves writes by address every slot whose

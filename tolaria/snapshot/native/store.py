@@ -6,8 +6,12 @@ What this store promises beyond :class:`~tolaria.snapshot.store.SnapshotStore`:
 * ``double_buffer=False`` halves host memory: the one arena *is* the LKG, so from the start of a
   capture until its commit there is no LKG (a sick or failed capture leaves nothing to roll back
   to; a rollback while a capture is staged raises).
-* CPU capture: ``memcpy`` of every contiguous tensor with the GIL released (threads for large
-  arenas); the staging bytes are checked one region per dtype, per key only to name a sick one.
+* CPU capture: one pass copies every contiguous tensor into the arena with the GIL released
+  (threads for large arenas) and sums the squares of what it wrote, block by block while the
+  block is in cache (``CopyPlan.capture_host_checked``), so verifying the staged bytes costs no
+  second read; the per-key check runs only to name a sick key (or to tell a sum that overflowed
+  from a NaN). With ``health_backend="reference"`` or ``"triton"`` the copy is a plain
+  ``memcpy`` and the staging bytes are checked one region per dtype by that backend.
 * CUDA capture returns while the copy runs. The checked bytes are the committed bytes: the fused
   check and the device→host copies read the same memory on one side stream, after event *ready*
   (recorded on the caller's stream) and before *done*; nothing writes that memory in between
@@ -24,6 +28,7 @@ What this store promises beyond :class:`~tolaria.snapshot.store.SnapshotStore`:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from operator import itemgetter
@@ -33,6 +38,7 @@ import torch
 
 from tolaria import _ext
 from tolaria.health import HealthHandle, HealthReport, check_tensors
+from tolaria.health.report import build_report
 from tolaria.snapshot.native.cuda import CaptureEvents, CudaEngine
 from tolaria.snapshot.native.layout import ArenaPlan, HostBuffer, signature_of
 from tolaria.snapshot.store import (
@@ -58,6 +64,7 @@ class _Pending:
     tensors: tuple[torch.Tensor, ...]
     health: HealthHandle | None = None
     events: CaptureEvents | None = None
+    sums: list[float] | None = None  # CPU, fused: each direct slot's sum of squares as written
 
     @property
     def done(self) -> Any:
@@ -144,7 +151,7 @@ class NativeSnapshotStore(BufferedStore):
                         plan, staging, tensors, self.health_backend
                     )
                 else:
-                    self._capture_cpu(plan, staging, tensors)
+                    pending.sums = self._capture_cpu(plan, staging, tensors)
         except BaseException:
             self._abandon(pending)
             raise
@@ -194,12 +201,20 @@ class NativeSnapshotStore(BufferedStore):
             self._report_degraded(buffer.fallback_reason)
         return buffer
 
-    def _capture_cpu(self, plan: ArenaPlan, staging: HostBuffer, tensors: tuple[torch.Tensor, ...]) -> None:
+    def _capture_cpu(self, plan: ArenaPlan, staging: HostBuffer, tensors: tuple[torch.Tensor, ...]
+                     ) -> list[float] | None:  # fmt: skip
+        """Copy into ``staging``; the direct slots' sums of squares when the copy computed them."""
+        sums = None
         if plan.direct and staging.copier is not None:
             addresses = plan.direct_addresses(tensors)
-            staging.copier.capture_host(addresses, self.threads, [] if plan.all_direct else plan.direct)
+            slots = [] if plan.all_direct else plan.direct
+            if self.health_backend in ("auto", "native"):
+                sums = staging.copier.capture_host_checked(addresses, plan.direct_codes, self.threads, slots)
+            else:
+                staging.copier.capture_host(addresses, self.threads, slots)
         for slot in plan.foreign:
             staging.slot_views[slot].copy_(tensors[plan.slot_key[slot]])
+        return sums
 
     def _abandon(self, pending: _Pending) -> None:
         """A capture failed: wait out whatever it enqueued, keep its buffer as the spare."""
@@ -236,6 +251,8 @@ class NativeSnapshotStore(BufferedStore):
         """Health of exactly the captured bytes: on CUDA the side-stream check of the device
         tensors the copies read (plus foreign slots on the host), on CPU the staging regions."""
         buffer, plan = pending.buffer, pending.buffer.plan
+        if pending.sums is not None:
+            return self._verify_sums(buffer, pending.sums)
         host_checks = buffer.regions
         report: HealthReport | None = None
         if pending.health is not None:
@@ -248,6 +265,20 @@ class NativeSnapshotStore(BufferedStore):
         detail = check_tensors(buffer.checkable_key_views(), backend=self._host_backend())
         first_bad = detail.first_bad or (report.first_bad if report is not None else None)
         return detail, first_bad, False
+
+    def _verify_sums(self, buffer: HostBuffer, sums: list[float]) -> tuple[HealthReport, str | None, bool]:
+        """The fused CPU capture's verdict: every direct slot's sum finite, and the slots it did
+        not sum (copied by torch, or fp8) healthy; otherwise the per-key check decides (a sum
+        that overflowed fp32 is not a sick tensor)."""
+        plan = buffer.plan
+        host_checks = buffer.slot_checks(plan.foreign + plan.unsummed)
+        rest = check_tensors(host_checks, backend=self._host_backend()) if host_checks else None
+        if all(map(math.isfinite, sums)) and (rest is None or rest.healthy):
+            zeros, norms = [0] * len(sums), list(map(math.sqrt, sums))
+            report = build_report(plan.direct_names, norms, zeros, zeros, zeros, "native", squares=sums)
+            return report, None, True
+        detail = check_tensors(buffer.checkable_key_views(), backend=self._host_backend())
+        return detail, detail.first_bad, detail.healthy
 
     def _host_backend(self) -> str:
         # Staging bytes live on the host: "auto" reads them with the compiled CPU pass.
