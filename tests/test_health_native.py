@@ -273,7 +273,29 @@ def test_the_fused_capture_refuses_bad_codes_and_partial_elements() -> None:
         plan.capture_host_checked([source.data_ptr()], [9])
 
 
-def test_a_governor_snapshot_is_verified_by_the_fused_copy() -> None:
+def test_a_large_cpu_snapshot_is_verified_in_the_copy_and_a_small_one_by_regions() -> None:
+    from tolaria.snapshot.native import NativeSnapshotStore
+
+    big = {"w": torch.randn(1 << 20), "b": torch.randn(3)}  # 4 MiB and a bit: at the threshold
+    small = {"w": torch.randn(64), "b": torch.randn(3)}
+    assert sum(t.nbytes for t in big.values()) >= NativeSnapshotStore.FUSED_VERIFY_MIN_BYTES
+    for state, names in ((big, ["w", "b"]), (small, ["<torch.float32>"])):  # per slot, or per dtype region
+        store = NativeSnapshotStore()
+        store.capture(state)
+        resolution = store.resolve()
+        assert resolution.committed and resolution.report.names == names
+        assert resolution.report.norms == pytest.approx(
+            [float(t.double().norm()) for t in state.values()]
+            if len(names) == 2
+            else [float(torch.cat(list(state.values())).double().norm())],
+            rel=1e-6,
+        )
+
+
+def test_a_governor_snapshot_is_verified_by_the_fused_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tolaria.snapshot.native import NativeSnapshotStore
+
+    monkeypatch.setattr(NativeSnapshotStore, "FUSED_VERIFY_MIN_BYTES", 0)  # this tiny model too
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))  # an int64 buffer too
     governor = TolariaGovernor(model)
     assert governor.snapshot().committed
@@ -290,9 +312,10 @@ def test_a_governor_snapshot_is_verified_by_the_fused_copy() -> None:
 
 
 @pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no fp8 dtype")
-def test_an_fp8_tensor_the_fused_copy_cannot_read_is_still_verified() -> None:
+def test_an_fp8_tensor_the_fused_copy_cannot_read_is_still_verified(monkeypatch: pytest.MonkeyPatch) -> None:
     from tolaria.snapshot.native import NativeSnapshotStore
 
+    monkeypatch.setattr(NativeSnapshotStore, "FUSED_VERIFY_MIN_BYTES", 0)
     store = NativeSnapshotStore()
     state = {"w": torch.randn(8), "f8": torch.randn(16).to(torch.float8_e4m3fn)}
     store.capture(state)

@@ -6,12 +6,13 @@ What this store promises beyond :class:`~tolaria.snapshot.store.SnapshotStore`:
 * ``double_buffer=False`` halves host memory: the one arena *is* the LKG, so from the start of a
   capture until its commit there is no LKG (a sick or failed capture leaves nothing to roll back
   to; a rollback while a capture is staged raises).
-* CPU capture: one pass copies every contiguous tensor into the arena with the GIL released
-  (threads for large arenas) and sums the squares of what it wrote, block by block while the
-  block is in cache (``CopyPlan.capture_host_checked``), so verifying the staged bytes costs no
-  second read; the per-key check runs only to name a sick key (or to tell a sum that overflowed
-  from a NaN). With ``health_backend="reference"`` or ``"triton"`` the copy is a plain
-  ``memcpy`` and the staging bytes are checked one region per dtype by that backend.
+* CPU capture: ``memcpy`` of every contiguous tensor with the GIL released (threads for large
+  arenas). From ``FUSED_VERIFY_MIN_BYTES`` up, the same pass sums the squares of what it wrote,
+  block by block while the block is in cache (``CopyPlan.capture_host_checked``), so verifying
+  the staged bytes costs no second read from memory; a smaller arena is still in cache after the
+  copy, and its staging bytes are checked one region per dtype (cheaper than a sum per slot for
+  thousands of tiny tensors), as they are with ``health_backend="reference"`` or ``"triton"``.
+  The per-key check runs only to name a sick key (or to tell a sum that overflowed from a NaN).
 * CUDA capture returns while the copy runs. The checked bytes are the committed bytes: the fused
   check and the device→host copies read the same memory on one side stream, after event *ready*
   (recorded on the caller's stream) and before *done*; nothing writes that memory in between
@@ -89,6 +90,9 @@ class NativeSnapshotStore(BufferedStore):
         TypeError, ValueError: a malformed argument (named in the message).
     """
 
+    #: CPU arenas of at least this many bytes are verified inside the copy (see the module
+    #: docstring): past the size of a core's cache a second read comes from memory.
+    FUSED_VERIFY_MIN_BYTES = 4 << 20
     backend = "native"
 
     def __init__(
@@ -208,7 +212,7 @@ class NativeSnapshotStore(BufferedStore):
         if plan.direct and staging.copier is not None:
             addresses = plan.direct_addresses(tensors)
             slots = [] if plan.all_direct else plan.direct
-            if self.health_backend in ("auto", "native"):
+            if self.health_backend in ("auto", "native") and plan.nbytes >= self.FUSED_VERIFY_MIN_BYTES:
                 sums = staging.copier.capture_host_checked(addresses, plan.direct_codes, self.threads, slots)
             else:
                 staging.copier.capture_host(addresses, self.threads, slots)
