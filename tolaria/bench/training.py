@@ -1,7 +1,8 @@
 """The guarded training step and rollback: what guarding a run costs, through the public API.
 
-Four loops train the same model on the same batches in one process, interleaved window by
-window so that drift (clocks, other load) hits them alike:
+Four loops train the same model on the same batches in one process, interleaved so that drift
+(clocks, other load) hits them alike: on CPU step by step (step 1 of each loop, then step 2, ...),
+on CUDA window by window:
 
 * ``unguarded``: zero the gradients, forward, backward, optimizer step (the baseline);
 * ``legacy``: the original Governor's approach (:mod:`tolaria.bench.legacy_governor`): loss-only
@@ -180,6 +181,19 @@ def _time_window(loop: _Loop) -> float:
     return time.perf_counter() - begin
 
 
+def _interleaved_windows(loops: list[_Loop]) -> list[float]:
+    """CPU: one window of every loop, step by step in turn (step 1 of each loop, then step 2, ...),
+    each step timed alone; returns each loop's window time. Drift then hits the loops within tens
+    of milliseconds of each other instead of a window apart, which is what pairs them."""
+    totals = [0.0] * len(loops)
+    for index in range(SNAPSHOT_EVERY):
+        for position, loop in enumerate(loops):
+            begin = time.perf_counter()
+            loop.step(snapshot=index == SNAPSHOT_EVERY - 1)
+            totals[position] += time.perf_counter() - begin
+    return totals
+
+
 def _batches_on(setup: TrainingSetup, device: str) -> list[Batch]:
     generator = torch.Generator().manual_seed(0)
     return [(inputs.to(device), targets.to(device)) for inputs, targets in setup.batches(generator)]
@@ -209,9 +223,11 @@ def setup_rows(
     # At least `fewest` rounds; more while the budget lasts, so a small model whose step takes
     # milliseconds gets enough windows for a p10-p90 spread that means something.
     spent, rounds = 0.0, 0
+    on_cuda = torch.device(device).type == "cuda"
     while rounds < fewest or (rounds < most and spent < budget_s):
-        for loop in loops:
-            seconds = _time_window(loop)
+        # CUDA: each window timed whole with events (a per-step sync would undo the deferred mode).
+        windows = [_time_window(loop) for loop in loops] if on_cuda else _interleaved_windows(loops)
+        for loop, seconds in zip(loops, windows, strict=True):
             spent += seconds
             samples[loop.variant].append(seconds / SNAPSHOT_EVERY)
         rounds += 1
