@@ -22,6 +22,17 @@ def cuda_runtime_available() -> bool:
     """True when the CUDA part was compiled and a driver with at least one device is present.
     Returns False (never raises, never prints) on a machine without a driver or GPU."""
 
+# ---- host health pass (csrc/host_health.*, csrc/health_bindings.cpp) ----
+
+def sum_squares_host(
+    addresses: list[int], numels: list[int], dtypes: list[int], threads: int = 0
+) -> list[float]:
+    """Per-tensor sums of squares of contiguous CPU tensors, read in place with the GIL released:
+    ``addresses[i]`` holds ``numels[i]`` elements of dtype code ``dtypes[i]`` (0 float32,
+    1 float16, 2 bfloat16, 3 float64). A NaN or an Inf makes its sum non-finite. ``threads=0``:
+    automatic (threads past 8 MB). Raises ValueError on mismatched lengths, an unknown code or a
+    null address."""
+
 # ---- snapshot engine (csrc/host_arena.*, csrc/cuda_snapshot.*, csrc/snapshot_bindings.cpp) ----
 # The byte-moving primitives behind tolaria.snapshot.native; the verify/commit policy lives
 # in Python. Calls that copy, allocate or wait release the GIL.
@@ -111,6 +122,12 @@ class CopyPlan:
     def capture_host(self, addresses: list[int], threads: int = 0, slots: list[int] = ...) -> None:
         """memcpy each CPU tensor into its slot; large copies (>= 16 MiB in all) are split by
         bytes across up to ``threads`` threads (0: the hardware's count, at most 8). Blocking."""
+    def capture_host_checked(
+        self, addresses: list[int], dtypes: list[int], threads: int = 0, slots: list[int] = ...
+    ) -> list[float]:
+        """capture_host fused with the host health pass: copies each CPU tensor into its slot block
+        by block and returns the sum of squares of what it wrote, per address (dtype codes as
+        :func:`sum_squares_host`, or -1 for raw bytes: copied, sum 0). Blocking."""
     def restore_host(self, addresses: list[int], threads: int = 0, slots: list[int] = ...) -> None:
         """memcpy each slot back into its CPU tensor. Blocking."""
     def capture_device(self, addresses: list[int], stream: int, device: int, slots: list[int] = ...) -> None:
