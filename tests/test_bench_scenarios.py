@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from tolaria.bench import goals, health, host_cost, runner, snapshot, training, workloads
+from tolaria.bench import fake_device, goals, health, host_cost, runner, snapshot, training, workloads
 
 
 @pytest.fixture(autouse=True)
@@ -64,14 +64,48 @@ def test_health_rows_include_the_governors_check() -> None:
 
 
 def test_host_cost_rows_time_both_modes_and_the_snapshot_steps() -> None:
-    assert host_cost.run("cpu", quick=True) == []  # absolute host times: CUDA only
-    setup = host_cost.many_small_setup(layers=2)
+    setup = host_cost.many_small_setup(layers=2)  # on CPU: through the fake device
     rows = host_cost.setup_rows(setup, "cpu", quick=True)
     modes = ("guarded-blocking", "guarded-deferred")
     assert [r.variant for r in rows] == [name for mode in modes for name in (mode, f"{mode}-snapshot-steps")]
     assert [r.reps for r in rows] == [2 * training.SNAPSHOT_EVERY, 2] * 2
     assert all(r.scenario == "guard-host/many-small-5000-tensors" for r in rows)
     assert runner.baseline_of(rows[0].scenario) == ""
+
+
+def test_the_fake_device_runs_the_device_path_of_a_check_without_its_kernels() -> None:
+    from tolaria.health import check_tensors, plan
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = [(f"t{i}", torch.randn(n, generator=generator)) for i in range(3) for n in (5 + 40 * i,)]
+    pairs[1][1][3] = float("nan")  # the kernels are left out: the fake cannot see it (host cost only)
+    with fake_device.fake_device_checks() as device:
+        assert plan.cpu_runtime() is device
+        reports = [check_tensors(pairs, backend="triton", blocking=False).result() for _ in range(4)]
+        (built,) = plan._plans.values()
+        assert built.graph is not None  # eager, eager + trial capture, then the adopted graph
+        assert device.launches_skipped == 2
+    assert all(r.healthy and r.norms == [0.0, 0.0, 0.0] and r.backend == "triton" for r in reports)
+    assert plan.cpu_runtime() is None and not plan._plans  # nothing outlives the block
+
+
+def test_on_cpu_the_host_cost_rows_come_through_the_fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_cost, "setups", lambda: [host_cost.many_small_setup(layers=2)])
+    seen: list[object] = []
+    original = host_cost.TolariaGovernor
+
+    def governor(model: torch.nn.Module, **options: object) -> host_cost.TolariaGovernor:
+        from tolaria.health import plan
+
+        seen.append((options.get("health_backend"), plan.cpu_runtime() is not None))
+        return original(model, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(host_cost, "TolariaGovernor", governor)
+    rows = host_cost.run("cpu", quick=True)
+    assert {r.variant for r in rows} >= {"guarded-blocking", "guarded-deferred"}
+    assert seen == [("triton", True), ("triton", True)]  # both modes, each inside the fake device
+    lines = host_cost.summary(rows)
+    assert len(lines) == 2 and all("µs of host time per step" in line for line in lines)
 
 
 def test_the_byte_counts_are_computed_from_tensor_sizes() -> None:

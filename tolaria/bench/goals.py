@@ -78,6 +78,14 @@ GOALS: tuple[Goal, ...] = (
     Goal("guard-host-5000-cuda",
          "host time of one guarded step's Governor calls, deferred, 5,000 tensors, CUDA: <= 300 µs",
          "host-seconds", "guard-host/many-small-5000-tensors", ("guarded-deferred",), 300e-6, "", "cuda"),
+    Goal("guard-host-300-fake",
+         "host time of one guarded step's Governor calls, deferred, 292 tensors, CPU on the fake device "
+         "(kernels excluded): <= 30 µs",
+         "host-seconds", "guard-host/transformer-292-tensors", ("guarded-deferred",), 30e-6, "", "cpu"),
+    Goal("guard-host-5000-fake",
+         "host time of one guarded step's Governor calls, deferred, 5,000 tensors, CPU on the fake device "
+         "(kernels excluded): <= 300 µs",
+         "host-seconds", "guard-host/many-small-5000-tensors", ("guarded-deferred",), 300e-6, "", "cpu"),
     Goal("guard-overhead-300-cpu", "GuardedStep overhead, 292 tensors, CPU, both modes: <= +10 %",
          "overhead", "training-step/transformer-292-tensors", ("guarded-blocking", "guarded-deferred"), 0.10,
          "unguarded", "cpu"),

@@ -1,4 +1,4 @@
-"""Host time of one guarded step's Governor calls: what the training thread pays per step (CUDA).
+"""Host time of one guarded step's Governor calls: what the training thread pays per step.
 
 On a GPU the checks run on the device; what the Python thread pays is the time it spends
 inside the Governor's calls, launching, bookkeeping and (blocking mode) waiting for the
@@ -13,18 +13,28 @@ This scenario runs guarded steps of two models and reports, over the steps:
 
 Models: ``transformer-292-tensors`` (the CPU training scenario's 24-layer transformer, 292
 parameter tensors, so 584 tensors checked per step with their gradients) and
-``many-small-5000-tensors`` (2,500 ``Linear(8, 8)`` layers: 5,000 parameter tensors). Absolute
-times, so CUDA only (see docs/architecture.md, "Testing and measuring"): on CPU the checks are
-host work, and the training scenario's overhead rows measure them.
+``many-small-5000-tensors`` (2,500 ``Linear(8, 8)`` layers: 5,000 parameter tensors).
+
+On CUDA the checks run as they ship. On CPU the same device path runs on
+:class:`tolaria.bench.fake_device.FakeDevice` (``health_backend="triton"``; the kernels are left
+out, events have always completed), so the rows show the host side of a GPU step without a GPU.
+There the optimizer's ``zero_grad`` zeroes the gradients in place: CUDA's caching allocator
+hands freed gradients back at the same addresses, which keeps each check on its cached plan,
+whereas on CPU they would land elsewhere and every check would build a new plan. (On CUDA the
+gradients are new tensor objects at those addresses, which costs each check a metadata
+comparison that this in-place variant skips.) Without Triton there are no CPU rows.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tolaria import GuardedStep, StepOutcome, TolariaGovernor
+from tolaria.bench import fake_device
 from tolaria.bench.common import Measurement, device_label, percentile, release_cached_memory, synchronize
 from tolaria.bench.training import CPU_TRANSFORMER, SNAPSHOT_EVERY, Batch, TrainingSetup, transformer_setup
 
@@ -59,13 +69,29 @@ def _row(scenario: str, variant: str, device: str, samples: list[float]) -> Meas
                        percentile(samples, 0.1), percentile(samples, 0.9), len(samples))  # fmt: skip
 
 
+class GradientsInPlace:
+    """Wraps an optimizer so that ``zero_grad`` zeroes the gradients in place (they keep their
+    addresses, as on CUDA; see the module docstring). GuardedStep unwraps it like a trainer's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
 def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: int, steps: int
                    ) -> list[StepOutcome]:  # fmt: skip
     torch.manual_seed(0)
     model = setup.model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    guard = GuardedStep(TolariaGovernor(model, optimizer=optimizer), optimizer,
-                        snapshot_every=SNAPSHOT_EVERY, deferred=deferred)  # fmt: skip
+    on_cuda = torch.device(device).type == "cuda"
+    governor = TolariaGovernor(model, optimizer=optimizer, health_backend="auto" if on_cuda else "triton")
+    stepper: object = optimizer if on_cuda else GradientsInPlace(optimizer)
+    guard = GuardedStep(governor, stepper, snapshot_every=SNAPSHOT_EVERY, deferred=deferred)  # type: ignore[arg-type]
     inputs, targets = (t.to(device) for t in setup.batches(torch.Generator().manual_seed(0))[0])
 
     def loss() -> torch.Tensor:
@@ -80,12 +106,15 @@ def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: in
 
 
 def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measurement]:
-    """Both modes on one model: every step, then the snapshot steps alone."""
+    """Both modes on one model: every step, then the snapshot steps alone (on CPU inside
+    :func:`tolaria.bench.fake_device.fake_device_checks`)."""
     steps = 2 * SNAPSHOT_EVERY if quick else 5 * SNAPSHOT_EVERY
     scenario = f"guard-host/{setup.name}"
     rows = []
+    on_cuda = torch.device(device).type == "cuda"
     for mode in MODES:
-        outcomes = _guarded_steps(setup, device, mode == "guarded-deferred", SNAPSHOT_EVERY, steps)
+        with contextlib.nullcontext() if on_cuda else fake_device.fake_device_checks():
+            outcomes = _guarded_steps(setup, device, mode == "guarded-deferred", SNAPSHOT_EVERY, steps)
         rows.append(_row(scenario, mode, device, [o.governor_seconds for o in outcomes]))
         snapshots = [o.governor_seconds for o in outcomes if o.snapshot is not None]
         if snapshots:
@@ -95,8 +124,8 @@ def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measureme
 
 
 def run(device: str, quick: bool) -> list[Measurement]:
-    """Both models on CUDA; nothing on CPU (see the module docstring)."""
-    if torch.device(device).type != "cuda":
+    """Both models: on CUDA as they ship, on CPU through the fake device (nothing without Triton)."""
+    if torch.device(device).type != "cuda" and not fake_device.available():
         return []
     return [row for setup in setups() for row in setup_rows(setup, device, quick)]
 

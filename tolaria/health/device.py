@@ -29,6 +29,11 @@ class DeviceRuntime:
     def event(self) -> Any:
         return torch.cuda.Event()
 
+    def run_kernels(self, launch: Callable[[], None]) -> None:
+        """Enqueue a check's kernels (``launch`` does it); a fake that measures only the host side
+        of a check (``tolaria.bench.fake_device``) skips them."""
+        launch()
+
     def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 

@@ -148,7 +148,9 @@ def _check_triton(names: list[str], tensors: list[torch.Tensor]) -> HealthHandle
     if plan is None:
         from tolaria.health import triton_kernels
 
-        if device.type != "cuda" and not (device.type == "cpu" and triton_kernels.INTERPRETED):
+        cpu_path = triton_kernels.INTERPRETED or plan_module.cpu_runtime() is not None
+        on_cpu = device.type == "cpu" and cpu_path
+        if device.type != "cuda" and not on_cpu:
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
                 f"was set before tolaria.health's kernels were imported; got tensors on {device}. "

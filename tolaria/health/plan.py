@@ -40,11 +40,12 @@ eager launches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -103,6 +104,27 @@ def clear_plans() -> None:
 
 
 _CUDA = DeviceRuntime()  # the real one; tests pass a fake as ``runtime``
+_cpu_runtime: DeviceRuntime | None = None  # CPU plans take the device path with this (bench)
+
+
+def cpu_runtime() -> DeviceRuntime | None:
+    """The runtime that CPU tensors' plans use, or None (they run the kernels in the interpreter)."""
+    return _cpu_runtime
+
+
+@contextlib.contextmanager
+def use_cpu_runtime(runtime: DeviceRuntime) -> Iterator[None]:
+    """Within this block, plans for CPU tensors take the device path with ``runtime`` (the
+    bench's fake device measures a check's host cost this way); the plan cache is emptied on the
+    way in and out, so no plan outlives the runtime it was built with."""
+    global _cpu_runtime
+    clear_plans()
+    _cpu_runtime = runtime
+    try:
+        yield
+    finally:
+        _cpu_runtime = None
+        clear_plans()
 
 
 def _is_dense(tensor: torch.Tensor) -> bool:
@@ -172,17 +194,20 @@ class TritonPlan:
         self._layout_checked = sorted([index for index, _ in self.staged] + permuted)
         self.checked_layout = self._layout(tensors)
         self._build_tables(members, block, chunk_blocks)
-        self.out = torch.empty((4, self.num_tensors), dtype=torch.float64, device=self.device)
+        # Zeroed, so a runtime that skips the kernels (the bench's fake device) reads a healthy set.
+        self.out = torch.zeros((4, self.num_tensors), dtype=torch.float64, device=self.device)
 
-        # The device path (CUDA, or a fake in tests); None: CPU tensors under the interpreter.
-        self._runtime = runtime if runtime is not None else (_CUDA if self.device.type == "cuda" else None)
+        # The device path (CUDA, or a fake in tests and the bench); None: CPU tensors under the
+        # interpreter.
+        default = _CUDA if self.device.type == "cuda" else _cpu_runtime
+        self._runtime = runtime if runtime is not None else default
         self.slots: list[ResultSlot] = []
         self.graph: Any = None  # the adopted CUDA graph, replayed by every check
         self._trial: tuple[Any, torch.Tensor, Any] | None = None  # (graph, verdict, event) pending
         # Captured at the first reuse, not at build: a set seen once (gradients that land at new
         # addresses every step) should not pay for a capture.
         self._graph_wanted = self._runtime is not None and graphs_enabled()
-        if runtime is None and kernels.INTERPRETED:  # interpreted kernels cannot be captured
+        if self._runtime is None and kernels.INTERPRETED:  # interpreted kernels cannot be captured
             self._graph_wanted = False
         self._launches = 0
         self._stream_raw: int | None = None
@@ -331,7 +356,10 @@ class TritonPlan:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._enqueue(tensors)
+            if self._runtime is not None:
+                self._runtime.run_kernels(lambda: self._enqueue(tensors))
+            else:
+                self._enqueue(tensors)
             if self._graph_wanted and self._launches:
                 self._start_trial(tensors)
             self._launches += 1
