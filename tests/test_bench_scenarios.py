@@ -106,6 +106,7 @@ def test_on_cpu_the_host_cost_rows_come_through_the_fake_device(monkeypatch: pyt
     assert seen == [("triton", True), ("triton", True)]  # both modes, each inside the fake device
     lines = host_cost.summary(rows)
     assert len(lines) == 2 and all("µs of host time per step" in line for line in lines)
+    assert all(r.device.endswith(", fake device (kernels excluded)") for r in rows)
 
 
 def test_the_byte_counts_are_computed_from_tensor_sizes() -> None:
