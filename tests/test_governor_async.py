@@ -8,26 +8,20 @@ On CPU every health handle is ready at once; lateness is simulated with a handle
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tolaria import deferred, health, telemetry
+from tolaria import deferred, health
 from tolaria.governor import TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.health import HealthHandle, HealthReport
-from tolaria.telemetry import GovernorSnapshotPayload, TelemetryEvent, TelemetryEventType, TelemetryHub
+from tolaria.telemetry import GovernorSnapshotPayload, TelemetryEvent, TelemetryEventType
 
-
-@pytest.fixture(autouse=True)
-def events() -> Iterator[list[TelemetryEvent]]:
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
+# Every test runs with its events captured (the conftest fixture), asked for or not.
+pytestmark = pytest.mark.usefixtures("events")
 
 
 class Late:

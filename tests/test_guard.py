@@ -8,20 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria import telemetry
 from tolaria.governor import TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.hooks import TrainerHook
 from tolaria.optim import unwrap_optimizer
-from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
+from tolaria.telemetry import TelemetryEventType
 
-
-@pytest.fixture(autouse=True)
-def events():
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
+# Every test runs with its events captured (the conftest fixture), asked for or not.
+pytestmark = pytest.mark.usefixtures("events")
 
 
 class Rig:

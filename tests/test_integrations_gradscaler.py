@@ -13,21 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria import telemetry
 from tolaria.governor import TolariaGovernor
 from tolaria.guard import GuardedStep
 from tolaria.hooks import REASON_SCALER_OVERFLOW, StepOutcome, TrainerHook
-from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
+from tolaria.telemetry import TelemetryEventType
 
 INIT_SCALE = 2.0**10
 
 
-@pytest.fixture(autouse=True)
-def events():
-    seen: list[TelemetryEvent] = []
-    old = telemetry.set_hub(TelemetryHub([telemetry.CallbackSink(seen.append)]))
-    yield seen
-    telemetry.set_hub(old)
+# Every test runs with its events captured (the conftest fixture), asked for or not.
+pytestmark = pytest.mark.usefixtures("events")
 
 
 class Rig:
