@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from restore_hook import RestoreHook
+from spawned_group import GROUP_DEADLINE_S, free_port, join_rank, leave_group
+from spawned_group import run_group as run_spawned
 from torch import nn
 
 from tolaria import telemetry
@@ -33,8 +34,6 @@ from tolaria.telemetry import TelemetryEvent, TelemetryEventType, TelemetryHub
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
 
-#: Deadline of one spawned group, start-up included (a healthy run needs a fraction of it).
-GROUP_DEADLINE_S = 150.0
 #: Timeout of the dedicated group in the hang scenario: how long a rank waits for a hung peer.
 HANG_TIMEOUT_S = 3.0
 
@@ -42,73 +41,27 @@ Scenario = Callable[[int, int, dict[str, Any]], dict[str, Any]]
 
 
 # -- harness ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str, scenario_names: list[str], shared: Any) -> None:
-    torch.set_num_threads(1)  # a 2-core machine runs every rank at once
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
+    join_rank(rank, world, port)
     results: dict[str, Any] = {}
     for name in scenario_names:
         results[name] = SCENARIOS[name](rank, world, {"shared": shared})
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    # The hang scenario leaves its dedicated group broken; the default group still works.
-    dist.barrier()
-    dist.destroy_process_group()
-    time.sleep(0.1)  # let gloo's threads drop their tensors before exit (see examples/ddp_train.py)
+    leave_group()  # the hang scenario leaves its dedicated group broken; the default group still works
 
 
 def run_group(world: int, scenario_names: list[str], tmp_path: Path) -> list[dict[str, Any]]:
     """Run the scenarios on ``world`` spawned ranks; return each rank's results. Fails the test
     when a rank raises (with its traceback) or when the group misses its deadline."""
-    ctx = mp.get_context("spawn")
-    shared = ctx.Event()
-    procs = mp.start_processes(
-        _worker, args=(world, _free_port(), str(tmp_path), scenario_names, shared), nprocs=world,
-        join=False, start_method="spawn",
-    )  # fmt: skip
-    deadline = time.monotonic() + GROUP_DEADLINE_S
-    try:
-        while not procs.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-rank group missed its {GROUP_DEADLINE_S:.0f} s deadline")
-    finally:
-        for process in procs.processes:
-            if process.is_alive():
-                process.kill()
-    return [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
+    shared = mp.get_context("spawn").Event()
+    return run_spawned(_worker, (world, free_port(), str(tmp_path), scenario_names, shared), world, tmp_path)
 
 
 # -- what every scenario uses ----------------------------------------------------------------
-class _RestoreHook(nn.Module):
-    """An identity layer with module extra state, which a rollback restores after the weights:
-    ``on_restore`` lets one rank fail or hang in the middle of its rollback."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_restore: Callable[[], None] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"version": 1}
-
-    def set_extra_state(self, state: Any) -> None:
-        if self.on_restore is not None:
-            self.on_restore()
-
-
 def _replica() -> tuple[nn.Sequential, torch.optim.Optimizer]:
     """The same model and optimizer on every rank (same seed), as DDP would make them."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1), _RestoreHook())
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1), RestoreHook())
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 

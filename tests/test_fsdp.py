@@ -2,67 +2,40 @@
 snapshot stores: every rank snapshots, verifies and restores its own local shards, and the ranks
 agree on every decision through the Governor's one all-reduce.
 
-The harness is test_distributed.py's (spawn, a free port, a deadline per group, the 0.1 s sleep
-after destroy_process_group explained there); each rank reports what it saw to a JSON file.
+The harness is tests/spawned_group.py (spawn, a free port, a deadline per group, the 0.1 s sleep
+after destroy_process_group); each rank reports what it saw to a JSON file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import socket
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned_group import free_port, join_rank, leave_group
+from spawned_group import run_group as run_spawned
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
 
-#: Deadline of the spawned group, start-up included (a healthy run needs a fraction of it).
-GROUP_DEADLINE_S = 150.0
 STORES = ("native", "reference")
 
 
-# -- harness (as in test_distributed.py) -----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
+# -- harness (tests/spawned_group.py) ---------------------------------------------------------
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # a 2-core machine runs every rank at once
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
+    join_rank(rank, world, port)
     results = {backend: fsdp_scenario(rank, world, backend) for backend in STORES}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-    time.sleep(0.1)  # let gloo's threads drop their tensors before exit (see examples/ddp_train.py)
+    leave_group()
 
 
 def run_group(world: int, tmp_path: Path) -> list[dict[str, Any]]:
-    procs = mp.start_processes(
-        _worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + GROUP_DEADLINE_S
-    try:
-        while not procs.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-rank FSDP2 group missed its {GROUP_DEADLINE_S:.0f} s deadline")
-    finally:
-        for process in procs.processes:
-            if process.is_alive():
-                process.kill()
-    return [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
+    return run_spawned(_worker, (world, free_port(), str(tmp_path)), world, tmp_path, "FSDP2 group")
 
 
 # -- the scenario (runs inside the ranks) ----------------------------------------------------

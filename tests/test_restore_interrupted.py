@@ -10,36 +10,17 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from restore_hook import RestoreHook
 from torch import nn
 
 from tolaria.governor import TolariaGovernor
 
 STORES = ["reference", "native"]
 INCOMPLETE = "governor_restore_incomplete"
-
-
-class RestoreHook(nn.Module):
-    """An identity layer with extra state; a rollback restores it after the weights and before
-    the optimizer state, so ``on_restore`` runs in the middle of the restore."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_restore: Callable[[], None] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"version": 1}
-
-    def set_extra_state(self, state: Any) -> None:
-        if self.on_restore is not None:
-            self.on_restore()
 
 
 def build() -> tuple[nn.Sequential, torch.optim.Optimizer]:
