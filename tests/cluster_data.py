@@ -23,3 +23,14 @@ def cluster_tensors(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 def cluster_data(n: int = 256, seed: int = 0) -> torch.utils.data.TensorDataset:
     """The same points as a TensorDataset of (input, label) pairs."""
     return torch.utils.data.TensorDataset(*cluster_tensors(n, seed))
+
+
+def final_loss(model: torch.nn.Module) -> float:
+    """Cross-entropy of a logits model over every cluster point, without gradients."""
+    inputs, labels = cluster_data().tensors
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(inputs), labels))
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -17,7 +17,7 @@ from torch import nn
 accelerate = pytest.importorskip("accelerate")
 
 from accelerate.tracking import GeneralTracker  # noqa: E402
-from cluster_data import CLASSES, RANDOM_GUESS, cluster_data  # noqa: E402
+from cluster_data import CLASSES, RANDOM_GUESS, cluster_data, final_loss, weights_finite  # noqa: E402
 
 from tolaria import GuardedStep, TolariaGovernor  # noqa: E402
 from tolaria.integrations.accelerate import TolariaHook  # noqa: E402
@@ -77,16 +77,6 @@ def train(accelerator, model, optimizer, loader, *, hook: TolariaHook | None, ep
                 optimizer.step()
                 optimizer.zero_grad()
     return losses
-
-
-def final_loss(model: nn.Module) -> float:
-    inputs, labels = cluster_data().tensors
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(inputs), labels))
-
-
-def weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_the_governor_and_guarded_step_take_accelerates_optimizer_and_backward() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from cluster_data import CLASSES, RANDOM_GUESS, cluster_data  # noqa: E402
+from cluster_data import CLASSES, RANDOM_GUESS, cluster_data, final_loss, weights_finite  # noqa: E402
 
 from tolaria.integrations.lightning import TolariaCallback  # noqa: E402
 
@@ -88,16 +88,6 @@ def fit(model: TinyClassifier, callbacks: list, *, max_steps: int = 30, **traine
     loader = torch.utils.data.DataLoader(cluster_data(), batch_size=32, shuffle=False)
     trainer.fit(model, loader)
     return trainer
-
-
-def final_loss(model: TinyClassifier) -> float:
-    inputs, labels = cluster_data().tensors
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(inputs), labels))
-
-
-def weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_a_nan_weight_is_rolled_back_and_the_run_ends_healthy_unlike_without_tolaria() -> None:

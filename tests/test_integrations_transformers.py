@@ -16,7 +16,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from cluster_data import CLASSES, RANDOM_GUESS, cluster_tensors  # noqa: E402
+from cluster_data import CLASSES, RANDOM_GUESS, cluster_tensors, weights_finite  # noqa: E402
 
 from tolaria.integrations.transformers import TolariaCallback, TolariaTrainer  # noqa: E402
 
@@ -97,10 +97,6 @@ def final_loss(model: TinyClassifier) -> float:
     model.eval()
     with torch.no_grad():
         return float(model(data.inputs, data.labels)["loss"])
-
-
-def weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_callback_rolls_back_a_nan_weight_and_the_run_ends_healthy_unlike_without_tolaria(tmp_path) -> None:
