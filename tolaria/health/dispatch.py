@@ -116,12 +116,16 @@ def check_tensors(
         and triton_health() is not None
     ):
         handle = _check_triton(names, tensors)
+    elif backend == "native" or (
+        backend == "auto"
+        and isinstance(first, torch.Tensor)
+        and first.device.type == "cpu"
+        and native.available()
+    ):
+        handle = ReadyHealth(native.native_check(names, tensors))  # validates the tensors itself
     else:
-        device = validate_tensors(names, tensors)
-        if backend == "native" or (backend == "auto" and device.type == "cpu" and native.available()):
-            handle = ReadyHealth(native.native_check(names, tensors))
-        else:
-            handle = ReadyHealth(reference_check(names, tensors))
+        validate_tensors(names, tensors)
+        handle = ReadyHealth(reference_check(names, tensors))
     return handle.result() if blocking else handle
 
 

@@ -26,13 +26,13 @@ import torch
 
 from tolaria import _ext
 from tolaria.health.kinds import readable_all
-from tolaria.health.reference import count_nonfinite, reference_check
+from tolaria.health.reference import count_nonfinite, reference_check, validate_tensors
 from tolaria.health.report import HealthReport, build_report
 
 #: The element types the compiled pass reads, by the codes csrc/host_health.h defines.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
-_dtype, _device = attrgetter("dtype"), attrgetter("device")
+_dtype = attrgetter("dtype")
 _data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
 _code = DTYPE_CODES.get
 
@@ -46,8 +46,10 @@ def native_check(names: Sequence[str], tensors: Sequence[torch.Tensor], *, threa
     """Check CPU ``tensors`` (see the module docstring); a :class:`HealthReport` in input order
     with ``backend="native"``. ``threads``: 0 lets the pass choose.
 
-    Raises ValueError for differing lengths, a tensor that is not on the CPU or has no data
-    (meta, lazy); RuntimeError when the extension is unavailable (naming why).
+    Raises ValueError for differing lengths, tensors on several devices or off the CPU, or a
+    tensor without data (meta, lazy); TypeError for a non-tensor; RuntimeError when the
+    extension is unavailable (naming why). This is the one validation of a ``"native"`` call
+    (:func:`tolaria.health.check_tensors` does not repeat it).
     """
     if len(names) != len(tensors):
         raise ValueError(f"names and tensors differ in length: {len(names)} != {len(tensors)}")
@@ -55,11 +57,11 @@ def native_check(names: Sequence[str], tensors: Sequence[torch.Tensor], *, threa
     if extension is None:
         why = _ext.unavailable_reason()
         raise RuntimeError(f"health backend 'native' needs tolaria's compiled extension: {why}")
+    device = validate_tensors(names, tensors) if tensors else None
     tensors = readable_all(names, tensors)
-    devices = set(map(_device, tensors))
-    if devices and devices != {torch.device("cpu")}:
+    if device is not None and device.type != "cpu":
         raise ValueError(
-            f"health backend 'native' reads CPU tensors, got tensors on {sorted(map(str, devices))}; "
+            f"health backend 'native' reads CPU tensors, got tensors on {device}; "
             "use backend='auto' (Triton on CUDA) or 'reference'"
         )
     codes = list(map(_code, map(_dtype, tensors)))
