@@ -5,6 +5,7 @@
 
 #include "cuda_probe.h"
 #include "health_bindings.h"
+#include "object_scan.h"
 #include "snapshot_bindings.h"
 
 namespace py = pybind11;
@@ -41,4 +42,5 @@ PYBIND11_MODULE(_C, m) {
         "False otherwise, without raising or printing.");
   tolaria::register_snapshot(m);
   tolaria::register_health(m);
+  tolaria::register_object_scan(m);
 }

@@ -17,6 +17,7 @@ from torch import nn
 
 import tolaria
 from tolaria import TolariaGovernor, clip_grad_norm_
+from tolaria.health import dispatch
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
@@ -129,14 +130,13 @@ def backward(model: nn.Module) -> None:
 def checked(monkeypatch: pytest.MonkeyPatch) -> list[list[torch.Tensor]]:
     """Every tensor list a health check of the Governor reads (blocking and deferred)."""
     seen: list[list[torch.Tensor]] = []
-    original = tolaria.health.check_tensors
+    original = dispatch.check_listed
 
-    def recording(pairs: Any, **kwargs: Any) -> Any:
-        pairs = list(pairs)
-        seen.append([t for _, t in pairs])
-        return original(pairs, **kwargs)
+    def recording(names: Any, tensors: Any, **kwargs: Any) -> Any:
+        seen.append(list(tensors))
+        return original(names, tensors, **kwargs)
 
-    monkeypatch.setattr(tolaria.health, "check_tensors", recording)
+    monkeypatch.setattr(dispatch, "check_listed", recording)
     return seen
 
 

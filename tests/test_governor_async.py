@@ -18,6 +18,7 @@ from tolaria import deferred, health
 from tolaria.governor import TolariaGovernor
 from tolaria.guard import GuardedStep, StepOutcome
 from tolaria.health import HealthHandle, HealthReport
+from tolaria.health.pairs import Listing
 from tolaria.telemetry import GovernorSnapshotPayload, TelemetryEvent, TelemetryEventType
 
 # Every test runs with its events captured (the conftest fixture), asked for or not.
@@ -31,8 +32,8 @@ class Late:
         self.open = True
         self.waited = 0  # result() calls on a handle that was not ready: the host waited
 
-    def start(self, pairs: list[tuple[str, torch.Tensor]], backend: str) -> HealthHandle:
-        return LateHandle(health.check_tensors(pairs, backend=backend, blocking=False), self)
+    def start(self, listing: Listing, backend: str) -> HealthHandle:
+        return LateHandle(health.check_tensors(listing.pairs(), backend=backend, blocking=False), self)
 
 
 class LateHandle(HealthHandle):

@@ -369,7 +369,8 @@ def fresh_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def assert_pairs_fresh(gov: TolariaGovernor) -> None:
-    pairs, n_params = gov._health_pairs()
+    listing = gov._health_listing()
+    pairs, n_params = listing.pairs(), listing.n_params
     expected = fresh_pairs(gov.model)
     assert [n for n, _ in pairs] == [n for n, _ in expected]
     assert all(a is b for (_, a), (_, b) in zip(pairs, expected, strict=True))

@@ -4,7 +4,7 @@ Tensors never cross this boundary as torch objects: the engine takes raw address
 byte counts (int) and CUDA stream handles (int, ``torch.cuda.Stream.cuda_stream``).
 """
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 class BuildInfo(TypedDict):
     version: str
@@ -32,6 +32,24 @@ def sum_squares_host(
     1 float16, 2 bfloat16, 3 float64). A NaN or an Inf makes its sum non-finite. ``threads=0``:
     automatic (threads past 8 MB). Raises ValueError on mismatched lengths, an unknown code or a
     null address."""
+
+# ---- object scans (csrc/object_scan.*): per-step questions about Python objects, one C loop ----
+
+def same_members(
+    module_dicts: tuple[dict[str, object], ...],
+    valued_keys: tuple[str, ...],
+    sized_keys: tuple[str, ...],
+    values: tuple[object, ...],
+    sizes: tuple[int, ...],
+) -> bool:
+    """Whether each module instance dict still holds, under each of ``sized_keys``, a container of
+    the recorded length and, under each of ``valued_keys``, a dict whose values are the very
+    objects recorded (both in walk order: module by module, sized keys then valued keys). A
+    missing holder, or one that is not a dict, reads as changed."""
+
+def gradients(params: tuple[object, ...]) -> tuple[list[Any], list[int] | None]:
+    """The ``.grad`` of every parameter that has one, in order, and those parameters' indices
+    (None when every one has a gradient)."""
 
 # ---- snapshot engine (csrc/host_arena.*, csrc/cuda_snapshot.*, csrc/snapshot_bindings.cpp) ----
 # The byte-moving primitives behind tolaria.snapshot.native; the verify/commit policy lives

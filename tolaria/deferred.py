@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tolaria import health
-from tolaria.health import HealthHandle
+from tolaria.health import HealthHandle, dispatch
+from tolaria.health.pairs import Listing
 from tolaria.vitals import check_loss_tensor, coerce_loss
 from tolaria.watch import Panic, Watch
 
@@ -112,10 +111,10 @@ class LossStager:
         slot.event.record(torch.cuda.current_stream(device))
 
 
-def start_health(pairs: Sequence[tuple[str, torch.Tensor]], backend: str) -> HealthHandle:
-    """Enqueue the health check of ``pairs`` without waiting for it (looked up at call time, so
-    tests can substitute a late handle)."""
-    return health.check_tensors(pairs, backend=backend, blocking=False)
+def start_health(listing: Listing, backend: str) -> HealthHandle:
+    """Enqueue the health check of ``listing`` without waiting for it (looked up at call time,
+    so tests can substitute a late handle)."""
+    return dispatch.check_listed(listing.names, listing.tensors, backend=backend)
 
 
 @dataclass
@@ -152,10 +151,11 @@ class VerdictQueue:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def push(self, step: int | None, loss: object, pairs: Sequence[tuple[str, torch.Tensor]], n_params: int,
-             backend: str, *, distributed: bool = False) -> None:  # fmt: skip
-        """Enqueue one step's checks: stage ``loss`` and start the health check of ``pairs``
-        (parameters first, ``n_params`` of them); ``step`` labels it (None: its sequence number).
+    def push(
+        self, step: int | None, loss: object, listing: Listing, backend: str, *, distributed: bool = False
+    ) -> None:
+        """Enqueue one step's checks: stage ``loss`` and start the health check of ``listing``
+        (parameters first); ``step`` labels it (None: its sequence number).
         Raises before anything is enqueued: TypeError for a bad ``loss`` or ``step``,
         NotImplementedError when ``distributed`` (a process group: consensus needs every rank to
         judge the same step at the same call, and readiness differs between ranks)."""
@@ -167,9 +167,9 @@ class VerdictQueue:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise TypeError(f"step must be an int or None, got {type(step).__name__}")
         staged = self.stager.stage(loss)
-        handle = start_health(pairs, backend) if pairs else None
+        handle = start_health(listing, backend) if listing.tensors else None
         label = self.pushed if step is None else step
-        self._queue.append(Verdict(self.pushed, label, staged, handle, n_params))
+        self._queue.append(Verdict(self.pushed, label, staged, handle, listing.n_params))
         self.pushed += 1
 
     def drain(self, *, wait_for: int | None = None, stop_at: int | None = None) -> Panic | None:

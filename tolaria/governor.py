@@ -33,7 +33,8 @@ from tolaria.deferred import VerdictQueue
 from tolaria.distributed import make_decisions
 from tolaria.governor_attributes import GovernorAttributes
 from tolaria.governor_extras import GovernorExtras
-from tolaria.health.pairs import CheckedTensors, GradientNorms
+from tolaria.health import dispatch
+from tolaria.health.pairs import CheckedTensors, GradientNorms, Listing
 from tolaria.optim import unwrap_optimizer
 from tolaria.recovery.ladder import RecoveryLadder
 from tolaria.recovery.policy import RecoveryPolicy
@@ -248,8 +249,8 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         self._clock += 1
         if self._restore.incomplete is not None:
             return self._announce(self._restore.panic(self._watch))
-        pairs, n_params = self._health_pairs()
-        self._verdicts.push(step, loss, pairs, n_params, self.health_backend, distributed=self.distributed)
+        listing = self._health_listing()
+        self._verdicts.push(step, loss, listing, self.health_backend, distributed=self.distributed)
         self._announce(self._commit.consume(wait_for=self._verdicts.pushed - self._verdicts.max_pending))
         return self._watch.pending is not None
 
@@ -258,12 +259,12 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         when that found a panic (the new check then belongs to an abandoned state)."""
         return bool(len(self._verdicts)) and self._announce(self._commit.consume())
 
-    def _health_pairs(self) -> tuple[list[tuple[str, torch.Tensor]], int]:
+    def _health_listing(self) -> Listing:
         """What ``check_health`` inspects: the parameters (when checked), then the gradients
         (listed once per model structure: :mod:`tolaria.health.pairs`)."""
         known, self._known_gradients = self._known_gradients, None  # one check: this step's
         checked = {"parameters": self.check_parameters, "gradients": self.check_gradients}
-        return self._checked.pairs(self.model, **checked, known=known)
+        return self._checked.listing(self.model, **checked, known=known)
 
     def _checked_names(self) -> list[str]:
         """The names ``check_health`` may report, the same list on every rank (for consensus)."""
@@ -273,11 +274,12 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
     def _observe_tensors(self) -> Panic | None:
         if self._restore.incomplete is not None:
             return self._restore.panic(self._watch)
-        pairs, n_params = self._health_pairs()
-        report = health.check_tensors(pairs, backend=self.health_backend) if pairs else None
-        if report is None:
+        listing = self._health_listing()
+        if not listing.tensors:
             return None
-        if len(pairs) > n_params:
+        report = dispatch.check_listed(listing.names, listing.tensors, backend=self.health_backend).result()
+        n_params = listing.n_params
+        if len(listing.tensors) > n_params:
             self._last_grad_norm = gradient_norm(report, n_params)
         return self._watch.observe_tensors(report, n_params)
 

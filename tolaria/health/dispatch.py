@@ -8,7 +8,7 @@ the pure-PyTorch reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Literal, overload
 
@@ -98,16 +98,24 @@ def check_tensors(
             f"{type(named_tensors).__name__}; pass its .items()"
         )
     pairs = named_tensors if isinstance(named_tensors, (list, tuple)) else list(named_tensors)
-    if not pairs:
-        handle: HealthHandle = ReadyHealth(build_report([], [], [], [], [], backend="reference"))
-        return handle.result() if blocking else handle
-    # A handle keeps the names only: holding the tensors until result() would keep last step's
-    # gradients alive and move this step's to new addresses (a new plan every step).
     try:
         names = [name for name, _ in pairs]
         tensors = [tensor for _, tensor in pairs]
     except (TypeError, ValueError):
         raise TypeError(f"named_tensors must hold (name, tensor) pairs, got {_describe(pairs)}") from None
+    handle = check_listed(names, tensors, backend=backend)
+    return handle.result() if blocking else handle
+
+
+def check_listed(names: Sequence[str], tensors: Sequence[torch.Tensor], *, backend: str) -> HealthHandle:
+    """The handle of :func:`check_tensors` for ``tensors[i]`` named ``names[i]`` (two parallel
+    sequences, as the Governor keeps them: no pair is built or taken apart); ``result()`` is the
+    blocking call's report. ``backend`` is one of :data:`BACKENDS` (the caller validated it);
+    the tensors are validated as there."""
+    if not tensors:
+        return ReadyHealth(build_report([], [], [], [], [], backend="reference"))
+    # A handle keeps the names only: holding the tensors until result() would keep last step's
+    # gradients alive and move this step's to new addresses (a new plan every step).
     first = tensors[0]
     if backend == "triton" or (
         backend == "auto"
@@ -126,7 +134,7 @@ def check_tensors(
     else:
         validate_tensors(names, tensors)
         handle = ReadyHealth(reference_check(names, tensors))
-    return handle.result() if blocking else handle
+    return handle
 
 
 def _describe(pairs: object) -> str:
@@ -135,7 +143,7 @@ def _describe(pairs: object) -> str:
     return f"an item of type {type(bad).__name__}" if bad is not None else type(pairs).__name__
 
 
-def _check_triton(names: list[str], tensors: list[torch.Tensor]) -> HealthHandle:
+def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> HealthHandle:
     plan_module = triton_health()
     if plan_module is None:
         raise RuntimeError(f"backend='triton' needs an importable Triton: {triton_health_error()}")
@@ -164,4 +172,4 @@ def _check_triton(names: list[str], tensors: list[torch.Tensor]) -> HealthHandle
     return plan.check(names, tensors)
 
 
-__all__ = ["BACKENDS", "check_tensors", "triton_health", "triton_health_error"]
+__all__ = ["BACKENDS", "check_listed", "check_tensors", "triton_health", "triton_health_error"]

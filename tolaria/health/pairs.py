@@ -5,24 +5,60 @@ exist. Listing them with ``model.named_parameters()`` walks every module and bui
 on every step (about 10 ms for 2,500 small layers); :class:`CheckedTensors` lists them once and
 lists them again only when :class:`tolaria.health.structure.ModuleTree` says the tree changed
 (a parameter replaced, a module added or removed, ...). Gradients are read from the parameters
-at every call (``p.grad`` changes every step), in C-level passes.
+at every call (``p.grad`` changes every step), in one C loop (``tolaria._C.gradients``) when the
+extension is loaded, else in C-level passes. A call hands back a :class:`Listing`: the names and
+the tensors as two parallel sequences, the names cached with the structure, so a step builds no
+``(name, tensor)`` pair.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import attrgetter, is_, is_not
+from itertools import repeat
+from operator import attrgetter, is_
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from tolaria import _ext
 from tolaria.health.structure import ModuleTree
 
 _grad = attrgetter("grad")
 _version = attrgetter("_version")
 Pairs = list[tuple[str, torch.Tensor]]
+
+
+class Listing(NamedTuple):
+    """What one health check reads: ``tensors[i]`` named ``names[i]``, the first ``n_params`` of
+    them parameters, the rest gradients. The sequences may be shared with the cache: read only."""
+
+    names: Sequence[str]
+    tensors: Sequence[torch.Tensor]
+    n_params: int
+
+    def pairs(self) -> Pairs:
+        return list(zip(self.names, self.tensors, strict=True))
+
+
+def gradients_in_python(params: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[int] | None]:
+    """The pure-Python twin of ``tolaria._C.gradients``: the ``.grad`` of each parameter that has
+    one, in order, and their indices (None when every parameter has one)."""
+    grads = tuple(map(_grad, params))
+    missing = list(map(is_, grads, repeat(None)))
+    if not any(missing):
+        return list(grads), None
+    present = [index for index, absent in enumerate(missing) if not absent]
+    return [grads[index] for index in present], present
+
+
+def gradients(params: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[int] | None]:
+    """See :func:`gradients_in_python`; one C loop when the extension is loaded."""
+    compiled = _ext.extension()
+    if compiled is not None:
+        return compiled.gradients(params)
+    return gradients_in_python(params)
 
 
 @dataclass(frozen=True)
@@ -72,14 +108,15 @@ def _plain_listing(model: nn.Module, tree: ModuleTree) -> bool:
 
 
 class CheckedTensors:
-    """``(name, tensor)`` lists of one model's parameters and gradients (see the module docstring).
-    ``rebuilds`` counts the listings (for tests)."""
+    """The :class:`Listing` of one model's parameters and gradients (see the module docstring).
+    ``rebuilds`` counts the listings of the model (for tests)."""
 
     def __init__(self) -> None:
         self._tree: ModuleTree | None = None
-        self._named: Pairs = []
         self._params: tuple[torch.Tensor, ...] = ()
+        self._param_names: tuple[str, ...] = ()
         self._grad_names: tuple[str, ...] = ()
+        self._all_names: tuple[str, ...] = ()
         self.rebuilds = 0
 
     def _refresh(self, model: nn.Module) -> None:
@@ -87,32 +124,50 @@ class CheckedTensors:
         if tree is not None and tree.unchanged(model):
             return
         tree = ModuleTree(model, parameters_only=True)
-        self._named = list(model.named_parameters())
-        self._params = tuple(p for _, p in self._named)
-        self._grad_names = tuple(f"{name}.grad" for name, _ in self._named)
+        named = list(model.named_parameters())
+        self._params = tuple(p for _, p in named)
+        self._param_names = tuple(name for name, _ in named)
+        self._grad_names = tuple(f"{name}.grad" for name, _ in named)
+        self._all_names = self._param_names + self._grad_names
         self._tree = tree if _plain_listing(model, tree) else None
         self.rebuilds += 1
 
-    def pairs(self, model: nn.Module, *, parameters: bool, gradients: bool, known: GradientNorms | None = None
-              ) -> tuple[Pairs, int]:  # fmt: skip
+    def listing(
+        self, model: nn.Module, *, parameters: bool, gradients: bool, known: GradientNorms | None = None
+    ) -> Listing:
         """The parameters (when ``parameters``), then the gradients that exist (when
         ``gradients``), named ``<parameter>.grad`` (their norms instead where ``known`` has
-        them); and how many of them are parameters."""
+        them)."""
         self._refresh(model)
-        pairs: Pairs = list(self._named) if parameters else []
-        n_params = len(pairs)
-        if gradients:
-            grads = tuple(map(_grad, self._params))
-            if known is not None:
-                grads = known.substitute(self._params, grads)
-            pairs += compress(zip(self._grad_names, grads, strict=True), map(is_not, grads, repeat(None)))
-        return pairs, n_params
+        params = self._params if parameters else ()
+        param_names = self._param_names if parameters else ()
+        n_params = len(params)
+        if not gradients:
+            return Listing(param_names, params, n_params)
+        if known is not None:  # tolaria.clip_grad_norm_ measured them: its norms stand in
+            grads = known.substitute(self._params, tuple(map(_grad, self._params)))
+            kept = [(n, g) for n, g in zip(self._grad_names, grads, strict=True) if g is not None]
+            return Listing([*param_names, *(n for n, _ in kept)], [*params, *(g for _, g in kept)], n_params)
+        found, present = _gradients(self._params)
+        if present is None:  # every parameter has a gradient: the names are the cached ones
+            return Listing(self._all_names if parameters else self._grad_names, [*params, *found], n_params)
+        grad_names = [self._grad_names[index] for index in present]
+        return Listing([*param_names, *grad_names], [*params, *found], n_params)
+
+    def pairs(self, model: nn.Module, *, parameters: bool, gradients: bool, known: GradientNorms | None = None
+              ) -> tuple[Pairs, int]:  # fmt: skip
+        """:meth:`listing` as ``(name, tensor)`` pairs, and how many of them are parameters."""
+        listing = self.listing(model, parameters=parameters, gradients=gradients, known=known)
+        return listing.pairs(), listing.n_params
 
     def names(self, model: nn.Module, *, parameters: bool, gradients: bool) -> list[str]:
-        """Every name :meth:`pairs` may report, gradients or not (the same list on every rank)."""
+        """Every name :meth:`listing` may report, gradients or not (the same list on every rank)."""
         self._refresh(model)
-        params = [name for name, _ in self._named] if parameters else []
+        params = list(self._param_names) if parameters else []
         return params + (list(self._grad_names) if gradients else [])
 
 
-__all__ = ["CheckedTensors", "GradientNorms"]
+_gradients = gradients  # CheckedTensors.listing's keyword argument shadows the function's name
+
+
+__all__ = ["CheckedTensors", "GradientNorms", "Listing", "gradients", "gradients_in_python"]

@@ -3,7 +3,8 @@
 Walking a model (``state_dict()``, ``named_parameters()``) builds a name for every tensor and
 calls into every module: about 10 ms for 2,500 small layers, every snapshot and every check.
 :class:`ModuleTree` walks once and then answers "is it still the same tree?" with a few C-level
-passes over what the walk read (no Python code per module):
+passes over what the walk read (no Python code per module), or one C loop
+(``tolaria._C.same_members``) when the extension is loaded:
 
 * every module's non-persistent-buffer set and state-dict hook dicts have the same sizes;
 * the values of its ``_parameters``, ``_buffers`` and ``_modules`` dicts are the same objects
@@ -28,6 +29,8 @@ from typing import Any
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from tolaria import _ext
+
 _generation = 0
 
 
@@ -50,10 +53,13 @@ def generation() -> int:
 # Per module, read from its instance ``__dict__`` (a dict lookup; an attribute lookup walks the
 # class hierarchy first): the three dicts whose values make its state, then the set and hook
 # dicts whose sizes matter.
-_VALUE_HOLDERS = itemgetter("_parameters", "_buffers", "_modules")
-_SIZED_HOLDERS = itemgetter("_non_persistent_buffers_set", "_state_dict_hooks", "_state_dict_pre_hooks")
+_VALUE_KEYS = ("_parameters", "_buffers", "_modules")
+_SIZED_KEYS = ("_non_persistent_buffers_set", "_state_dict_hooks", "_state_dict_pre_hooks")
 # What named_parameters() reads: a lighter test for the per-step listing of the health check.
-_PARAMETER_HOLDERS = itemgetter("_parameters", "_modules")
+_PARAMETER_KEYS = ("_parameters", "_modules")
+_VALUE_HOLDERS = itemgetter(*_VALUE_KEYS)
+_SIZED_HOLDERS = itemgetter(*_SIZED_KEYS)
+_PARAMETER_HOLDERS = itemgetter(*_PARAMETER_KEYS)
 
 
 def _nothing_sized(_module_dict: dict[str, Any]) -> tuple[()]:
@@ -70,6 +76,7 @@ class ModuleTree:
         self.generation = _generation
         self._valued = _PARAMETER_HOLDERS if parameters_only else _VALUE_HOLDERS
         self._sized = _nothing_sized if parameters_only else _SIZED_HOLDERS
+        self._keys = (_PARAMETER_KEYS, ()) if parameters_only else (_VALUE_KEYS, _SIZED_KEYS)
         self.modules = tuple(model.modules())
         self._dicts = tuple(map(vars, self.modules))
         read = self._read()
@@ -89,6 +96,15 @@ class ModuleTree:
         A holder replaced by another object with the same values changes nothing a walk reads."""
         if model is not self.model or _generation != self.generation or not self.readable:
             return False
+        compiled = _ext.extension()
+        if compiled is not None:
+            valued, sized = self._keys
+            return bool(compiled.same_members(self._dicts, valued, sized, self._values, self._sizes))
+        return self.unchanged_in_python()
+
+    def unchanged_in_python(self) -> bool:
+        """The pure-Python twin of the compiled comparison in :meth:`unchanged` (the same answer;
+        used without the extension, and by the tests as its oracle)."""
         read = self._read()
         if read is None or read[0] != self._sizes:
             return False

@@ -1,0 +1,111 @@
+// See object_scan.h. The Python twins these must agree with live in tolaria/health/structure.py
+// (same_members) and tolaria/health/pairs.py (gradients); tests/test_object_scan.py compares them.
+#include "object_scan.h"
+
+#include <Python.h>
+
+namespace py = pybind11;
+
+namespace tolaria {
+namespace {
+
+// The holder `key` of one module's instance dict, borrowed; nullptr when it is missing (a
+// Python error is set only when the lookup itself failed).
+PyObject* holder(PyObject* module_dict, PyObject* key) {
+  if (!PyDict_Check(module_dict)) {
+    return nullptr;
+  }
+  return PyDict_GetItemWithError(module_dict, key);
+}
+
+// Whether every module dict still holds, under `sized_keys`, containers of the recorded sizes
+// and, under `valued_keys`, dicts whose values are the very objects recorded (in order, all
+// modules concatenated). Order of the walk: module by module, sized keys then valued keys, as
+// the Python twin records them.
+bool same_members(py::tuple module_dicts, py::tuple valued_keys, py::tuple sized_keys, py::tuple values,
+                  py::tuple sizes) {
+  const Py_ssize_t n_values = PyTuple_GET_SIZE(values.ptr());
+  const Py_ssize_t n_sizes = PyTuple_GET_SIZE(sizes.ptr());
+  Py_ssize_t value_at = 0;
+  Py_ssize_t size_at = 0;
+  for (py::handle module_dict : module_dicts) {
+    for (py::handle key : sized_keys) {
+      PyObject* sized = holder(module_dict.ptr(), key.ptr());
+      if (sized == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return false;
+      }
+      const Py_ssize_t length = PyObject_Size(sized);
+      if (length < 0) {
+        PyErr_Clear();
+        return false;
+      }
+      if (size_at >= n_sizes) return false;
+      const Py_ssize_t recorded = PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes.ptr(), size_at++));
+      if (recorded == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (length != recorded) return false;
+    }
+    for (py::handle key : valued_keys) {
+      PyObject* members = holder(module_dict.ptr(), key.ptr());
+      if (members == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return false;
+      }
+      if (!PyDict_Check(members)) return false;
+      Py_ssize_t position = 0;
+      PyObject* dict_key = nullptr;
+      PyObject* value = nullptr;
+      while (PyDict_Next(members, &position, &dict_key, &value)) {
+        if (value_at >= n_values || value != PyTuple_GET_ITEM(values.ptr(), value_at)) return false;
+        ++value_at;
+      }
+    }
+  }
+  return value_at == n_values && size_at == n_sizes;
+}
+
+// The `.grad` of each parameter that has one, in order, and the indices of those parameters
+// (None when every parameter has one: the common case needs no index list).
+py::tuple gradients(py::tuple params) {
+  static PyObject* grad_name = PyUnicode_InternFromString("grad");
+  const Py_ssize_t count = PyTuple_GET_SIZE(params.ptr());
+  py::list grads(0);
+  py::object present = py::none();
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* grad = PyObject_GetAttr(PyTuple_GET_ITEM(params.ptr(), i), grad_name);
+    if (grad == nullptr) throw py::error_already_set();
+    py::object owned = py::reinterpret_steal<py::object>(grad);
+    if (grad == Py_None) {
+      if (present.is_none()) {  // the first missing one: every earlier parameter had a gradient
+        py::list indices(i);
+        for (Py_ssize_t j = 0; j < i; ++j) {
+          PyList_SET_ITEM(indices.ptr(), j, PyLong_FromSsize_t(j));
+        }
+        present = std::move(indices);
+      }
+      continue;
+    }
+    if (PyList_Append(grads.ptr(), grad) < 0) throw py::error_already_set();
+    if (!present.is_none()) {
+      py::int_ index(i);
+      if (PyList_Append(present.ptr(), index.ptr()) < 0) throw py::error_already_set();
+    }
+  }
+  return py::make_tuple(grads, present);
+}
+
+}  // namespace
+
+void register_object_scan(py::module_& m) {
+  m.def("same_members", &same_members, py::arg("module_dicts"), py::arg("valued_keys"),
+        py::arg("sized_keys"), py::arg("values"), py::arg("sizes"),
+        "Whether each module instance dict in module_dicts still holds, under each of sized_keys, "
+        "a container of the recorded length (sizes, in walk order) and, under each of valued_keys, "
+        "a dict whose values are the very objects recorded (values, in walk order). A missing "
+        "holder or a holder that is not a dict reads as changed (False).");
+  m.def("gradients", &gradients, py::arg("params"),
+        "(grads, present): the .grad of every parameter in the tuple params that has one, in order, "
+        "and the indices of those parameters, or None for present when every one has a gradient.");
+}
+
+}  // namespace tolaria
