@@ -310,6 +310,8 @@ class PendingStep:
         if hook.track_grad_norm:
             self._grad_norm = hook._grad_norm()
         loss = self._loss if self._loss is not None else math.nan
+        if isinstance(loss, torch.Tensor) and not math.isnan(self.loss_value):
+            loss = self.loss_value  # begin() read it already (CPU, or synchronize=True): not read twice
         mark = hook.now()
         panicked = hook.governor.observe(loss, step=self.step)
         self._check += hook.now() - mark

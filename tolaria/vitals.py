@@ -124,20 +124,37 @@ class SpikeDetector:
 
     def threshold(self) -> float:
         """``mean + sensitivity * std``; NaN when the history is empty."""
-        return self.mean() + self.rule.sensitivity * self.std()
+        return self.limits()[1]
+
+    def limits(self) -> tuple[float, float]:
+        """``(mean, threshold)`` of the history in one go (the same values as :meth:`mean` and
+        :meth:`threshold`; NaNs when it is empty): a judgement reads the history once."""
+        history = self.history
+        if not history:
+            return math.nan, math.nan
+        count = len(history)
+        mean = math.fsum(history) / count
+        std = math.sqrt(math.fsum([(x - mean) ** 2 for x in history]) / count)
+        return mean, mean + self.rule.sensitivity * std
 
     def is_anomaly(self, value: float) -> bool:
         """Whether ``value`` breaks all three limits against the current history (no state change)."""
+        return self._anomalous(value, self.limits())
+
+    def _anomalous(self, value: float, limits: tuple[float, float]) -> bool:
         rule = self.rule
         if len(self.history) < rule.min_samples or math.isnan(value):
             return False
-        mean = self.mean()
-        return value > rule.absolute_threshold and value > self.threshold() and value > rule.multiplier * mean
+        mean, threshold = limits
+        return value > rule.absolute_threshold and value > threshold and value > rule.multiplier * mean
 
-    def observe(self, value: float) -> SpikeVerdict:
+    def observe(self, value: float, limits: tuple[float, float] | None = None) -> SpikeVerdict:
         """Feed one sample; returns whether it was anomalous and whether the run of anomalies
-        reached ``rule.min_consecutive`` (panic). A normal sample is appended and clears the run."""
-        threshold = self.threshold()
+        reached ``rule.min_consecutive`` (panic). A normal sample is appended and clears the run.
+        ``limits``: this history's :meth:`limits`, when the caller has just computed them."""
+        if limits is None:
+            limits = self.limits()
+        threshold = limits[1]
         warming_up = len(self.history) < self.rule.min_samples
         needed = self.rule.min_consecutive
         if math.isnan(value):
@@ -150,7 +167,7 @@ class SpikeDetector:
             # +inf while warming up cannot be judged statistically but is never normal either.
             self.consecutive += 1
             return SpikeVerdict(True, self.consecutive >= needed, True, threshold, self.consecutive)
-        if self.is_anomaly(value):
+        if self._anomalous(value, limits):
             self.consecutive += 1
             return SpikeVerdict(True, self.consecutive >= needed, False, threshold, self.consecutive)
         self.history.append(value)
@@ -205,15 +222,15 @@ class LossMonitor:
     def consecutive_panics(self, value: int) -> None:
         self.spikes.consecutive = int(value)
 
-    def is_lobotomy(self, loss: float) -> bool:
-        """A sudden fall back to the random-guess loss from a history well below it."""
+    def is_lobotomy(self, loss: float, mean: float | None = None) -> bool:
+        """A sudden fall back to the random-guess loss from a history well below it. ``mean``:
+        the history's mean, when the caller has just computed it."""
         if len(self.history) < self.spikes.rule.min_samples:
             return False
         guess = self.random_guess_loss
-        return (
-            self.spikes.mean() < LOBOTOMY_MEAN_FRACTION * guess
-            and abs(loss - guess) < LOBOTOMY_TOLERANCE_FRACTION * guess
-        )
+        mean = self.spikes.mean() if mean is None else mean
+        near_guess = abs(loss - guess) < LOBOTOMY_TOLERANCE_FRACTION * guess
+        return mean < LOBOTOMY_MEAN_FRACTION * guess and near_guess
 
     def check(self, loss: object) -> VitalSigns:
         """Judge one loss (see the module docstring for the rules).
@@ -221,12 +238,13 @@ class LossMonitor:
         Raises TypeError for anything but a real number or a one-element tensor.
         """
         value = coerce_loss(loss)
-        threshold = self.spikes.threshold()
-        if not math.isfinite(value) or self.is_lobotomy(value):
+        limits = self.spikes.limits()
+        threshold = limits[1]
+        if not math.isfinite(value) or self.is_lobotomy(value, limits[0]):
             # Immediate panics never touch the history, nor the divergence run (as the original).
             immediate = REASON_NAN if not math.isfinite(value) else REASON_LOBOTOMY
             return VitalSigns(True, immediate, value, threshold, self.spikes.consecutive)
-        verdict = self.spikes.observe(value)
+        verdict = self.spikes.observe(value, limits)
         reason = REASON_DIVERGENCE if verdict.panic else None
         return VitalSigns(
             verdict.panic, reason, value, threshold, verdict.consecutive, verdict.anomaly, verdict.warming_up

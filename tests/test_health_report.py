@@ -1,0 +1,44 @@
+"""A kernel's ``[4, T]`` result rows become the same report whichever way they are read:
+``report_from_rows`` (the tensor, the path a check's handle takes) against ``report_from_sums``
+(the rows as Python lists), healthy and sick, with squares that overflow to +Inf."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tolaria.health.report import report_from_rows, report_from_sums
+
+
+def rows(squares: list[float], nan: list[int], posinf: list[int], neginf: list[int]) -> torch.Tensor:
+    return torch.tensor([squares, nan, posinf, neginf], dtype=torch.float64)
+
+
+CASES = {
+    "healthy": rows([4.0, 0.0, 2.25, 1e300], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
+    "overflowed-square": rows([math.inf, 1.0, 3.0, 0.5], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
+    "nan-first": rows([math.nan, 1.0, 3.0, 0.5], [2, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
+    "posinf-middle": rows([1.0, math.inf, 3.0, 0.5], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]),
+    "neginf-last": rows([1.0, 1.0, 3.0, math.inf], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]),
+    "empty": torch.zeros((4, 0), dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rows_and_lists_make_the_same_report(case: str) -> None:
+    result = CASES[case]
+    names = [f"t{i}" for i in range(result.shape[1])]
+    ours = report_from_rows(names, result, "triton")
+    theirs = report_from_sums(names, result.tolist(), "triton")
+    assert (ours.nan, ours.posinf, ours.neginf) == (theirs.nan, theirs.posinf, theirs.neginf)
+    assert ours.nonfinite == theirs.nonfinite
+    assert ours.first_bad == theirs.first_bad and ours.healthy == theirs.healthy
+    assert ours.names == names and ours.names is not names  # the report owns its list
+    assert len(ours.norms) == len(theirs.norms)
+    for mine, other in zip(ours.norms, theirs.norms, strict=True):  # bit for bit, NaN included
+        assert (math.isnan(mine) and math.isnan(other)) or mine == other
+    same_global = ours.global_norm == theirs.global_norm
+    assert same_global or (math.isnan(ours.global_norm) and math.isnan(theirs.global_norm))
+    assert all(isinstance(n, int) for n in ours.nan + ours.nonfinite)
