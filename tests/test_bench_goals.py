@@ -82,6 +82,16 @@ def test_a_cuda_run_judges_host_times_and_shares() -> None:
     assert verdicts["snapshot-many-small-cpu"].note == "a cpu goal; this run was on cuda"
 
 
+def test_a_host_time_is_also_said_as_a_multiple_of_the_runs_floor() -> None:
+    rows = [
+        _row("guard-host/many-small-5000-tensors", "guarded-deferred", 400e-6),
+        _row("guard-host/many-small-5000-tensors", "floor", 100e-6),
+    ]
+    verdict = _by_name(_payload("cuda", rows, device="NVIDIA H200"))["guard-host-5000-cuda"]
+    assert verdict.status == goals.NOT_MET
+    assert verdict.measured == "400.0 µs (4.0× the run's floor of 100.0 µs) at the median"
+
+
 def test_a_target_inside_the_runs_spread_is_said_to_be_unsettled() -> None:
     rows = [_row("snapshot/many-small", "pageable-clone", 0.100, spread=0.2),
             _row("snapshot/many-small", "governor-snapshot", 0.0204, spread=0.2)]  # 4.9×  # fmt: skip

@@ -31,6 +31,7 @@ def test_the_goals_name_scenarios_the_bench_runs_with_the_tensor_counts_they_sta
     cuda_host = {f"guard-host/{s.name}": _parameter_count(s) for s in host_cost.setups()}
     assert cuda_host == {
         "guard-host/transformer-292-tensors": 292,
+        "guard-host/linear-stack-292-tensors": 292,
         "guard-host/many-small-5000-tensors": 5000,
     }
     assert len(workloads.many_small_model("cpu").state_dict()) == 5000
@@ -67,10 +68,34 @@ def test_host_cost_rows_time_both_modes_and_the_snapshot_steps() -> None:
     setup = host_cost.many_small_setup(layers=2)  # on CPU: through the fake device
     rows = host_cost.setup_rows(setup, "cpu", quick=True)
     modes = ("guarded-blocking", "guarded-deferred")
-    assert [r.variant for r in rows] == [name for mode in modes for name in (mode, f"{mode}-snapshot-steps")]
-    assert [r.reps for r in rows] == [2 * training.SNAPSHOT_EVERY, 2] * 2
+    timed = [name for mode in modes for name in (mode, f"{mode}-snapshot-steps")]
+    assert [r.variant for r in rows] == [*timed, "floor"]
+    steps = 2 * training.SNAPSHOT_EVERY
+    assert [r.reps for r in rows] == [steps, 2, steps, 2, 2 * steps]  # the floor: every step of both modes
     assert all(r.scenario == "guard-host/many-small-5000-tensors" for r in rows)
     assert runner.baseline_of(rows[0].scenario) == ""
+    floor = rows[-1]
+    assert 0 < floor.p10_s <= floor.median_s <= floor.p90_s
+    lines = host_cost.summary(rows)
+    floor_said = "× the floor of reading each tensor's .grad and address once"
+    assert len(lines) == 2 and all(floor_said in line for line in lines)
+
+
+def test_the_floor_reads_every_address_once_and_waits_for_gradients() -> None:
+    params = tuple(torch.nn.Parameter(torch.zeros(3)) for _ in range(4))
+    assert host_cost.read_floor(params) is None  # no gradients yet: nothing to time
+    for p in params:
+        p.grad = torch.ones(3)
+    floor = host_cost.read_floor(params)
+    assert floor is not None and floor > 0
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    probed = host_cost.ProbedOptimizer(optimizer, params, in_place=True)
+    grads = [p.grad for p in params]
+    probed.zero_grad()
+    assert len(probed.floors) == 1
+    assert all(p.grad is g and not g.any() for p, g in zip(params, grads, strict=True))  # zeroed in place
+    host_cost.ProbedOptimizer(optimizer, params, in_place=False).zero_grad()
+    assert all(p.grad is None for p in params)
 
 
 def test_the_fake_device_runs_the_device_path_of_a_check_without_its_kernels() -> None:
@@ -106,6 +131,7 @@ def test_on_cpu_the_host_cost_rows_come_through_the_fake_device(monkeypatch: pyt
     assert seen == [("triton", True), ("triton", True)]  # both modes, each inside the fake device
     lines = host_cost.summary(rows)
     assert len(lines) == 2 and all("µs of host time per step" in line for line in lines)
+    assert {r.variant for r in rows} >= {"floor"}
     assert all(r.device.endswith(", fake device (kernels excluded)") for r in rows)
 
 

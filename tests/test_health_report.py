@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tolaria.health.report import report_from_rows, report_from_sums
+from tolaria.watch import gradient_norm
 
 
 def rows(squares: list[float], nan: list[int], posinf: list[int], neginf: list[int]) -> torch.Tensor:
@@ -42,3 +44,19 @@ def test_rows_and_lists_make_the_same_report(case: str) -> None:
     same_global = ours.global_norm == theirs.global_norm
     assert same_global or (math.isnan(ours.global_norm) and math.isnan(theirs.global_norm))
     assert all(isinstance(n, int) for n in ours.nan + ours.nonfinite)
+    assert ours.squares is not None and theirs.squares is not None
+    pairs = zip(ours.squares, theirs.squares, strict=True)
+    assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in pairs)
+
+
+def test_the_gradient_norm_sums_the_squares_when_a_report_has_them() -> None:
+    squares = [4.0, 9.0, 2.0, 1e-300]
+    names = ["w", "w.grad", "b.grad", "c.grad"]
+    with_squares = report_from_rows(names, rows(squares, [0] * 4, [0] * 4, [0] * 4), "native")
+    assert with_squares.squares == squares
+    without = replace(with_squares, squares=None)  # the reference's reports carry none
+    assert gradient_norm(with_squares, 1) == math.sqrt(math.fsum(squares[1:]))  # no sqrt, then square
+    assert gradient_norm(without, 1) == pytest.approx(gradient_norm(with_squares, 1), rel=1e-15)
+    assert math.isnan(gradient_norm(with_squares, 4))  # no gradients
+    huge = report_from_sums(["g"] * 2, [[1e308, 1e308], [0, 0], [0, 0], [0, 0]], "triton")
+    assert gradient_norm(huge, 0) == math.inf  # a finite sum beyond the fp64 range

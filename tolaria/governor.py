@@ -279,9 +279,10 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
             return None
         report = dispatch.check_listed(listing.names, listing.tensors, backend=self.health_backend).result()
         n_params = listing.n_params
+        grad_norm = gradient_norm(report, n_params)  # NaN without gradients
         if len(listing.tensors) > n_params:
-            self._last_grad_norm = gradient_norm(report, n_params)
-        return self._watch.observe_tensors(report, n_params)
+            self._last_grad_norm = grad_norm
+        return self._watch.observe_tensors(report, n_params, grad_norm=grad_norm)
 
     def _announce(self, panic: Panic | None) -> bool:
         """Emit the GOVERNOR_PANIC event of ``panic`` (the group's agreed one); False for None."""

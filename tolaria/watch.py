@@ -48,9 +48,18 @@ class Panic:
 
 def gradient_norm(report: HealthReport, n_params: int) -> float:
     """The global L2 norm of a report's gradients (its entries after the first ``n_params``);
-    NaN when it has none."""
-    norms = report.norms[n_params:]
-    return math.sqrt(math.fsum(n * n for n in norms)) if norms else math.nan
+    NaN when it has none. From the per-tensor sums of squares when the report has them."""
+    if len(report.norms) <= n_params:
+        return math.nan
+    if report.squares is not None:
+        squares = report.squares[n_params:]
+    else:
+        norms = report.norms[n_params:]
+        squares = [n * n for n in norms]
+    try:
+        return math.sqrt(math.fsum(squares))
+    except OverflowError:  # fsum refuses finite partial sums beyond the fp64 range
+        return math.inf
 
 
 class Watch:
@@ -113,9 +122,11 @@ class Watch:
                   consecutive=signs.consecutive_panics, step=step)
         )  # fmt: skip
 
-    def observe_tensors(self, report: HealthReport, n_params: int, step: int | None = None) -> Panic | None:
+    def observe_tensors(self, report: HealthReport, n_params: int, step: int | None = None,
+                        grad_norm: float | None = None) -> Panic | None:  # fmt: skip
         """Judge a report over parameters (its first ``n_params`` entries) then gradients;
-        ``step`` as for :meth:`observe_loss`.
+        ``step`` as for :meth:`observe_loss`; ``grad_norm``: :func:`gradient_norm` of the
+        report, when the caller has just computed it.
 
         Non-finite parameters win over non-finite gradients, which win over a gradient-norm
         explosion. Only a step with finite gradients feeds the norm history, so it stays
@@ -124,7 +135,8 @@ class Watch:
         names, nonfinite = report.names, report.nonfinite
         norms = report.norms[n_params:]
         step_loss, self._step_loss = self._step_loss, math.nan
-        grad_norm = gradient_norm(report, n_params)
+        if grad_norm is None:
+            grad_norm = gradient_norm(report, n_params)
         if report.first_bad is not None:  # a healthy step skips both per-tensor walks
             bad_param = next((names[i] for i in range(n_params) if nonfinite[i]), None)
             bad_grad = next((names[i] for i in range(n_params, len(names)) if nonfinite[i]), None)

@@ -158,6 +158,9 @@ def judge(goal: Goal, payload: Mapping[str, Any]) -> Verdict:
         elif goal.kind == "host-seconds":
             value, low, high = row.median_s, row.p10_s, row.p90_s
             ok, text = value <= goal.target, f"{value * 1e6:.1f} µs"
+            floor = rows.get((goal.scenario, "floor"))
+            if floor is not None:  # what reading each tensor's .grad and address once costs there
+                text += f" ({value / floor.median_s:.1f}× the run's floor of {floor.median_s * 1e6:.1f} µs)"
         else:
             raise ValueError(f"goal {goal.name}: unknown kind {goal.kind!r} (or no baseline)")
         met = met and ok

@@ -11,9 +11,18 @@ This scenario runs guarded steps of two models and reports, over the steps:
 - ``guarded-deferred-snapshot-steps`` / ``guarded-blocking-snapshot-steps``: the same over the
   steps that took a snapshot only.
 
+- ``floor``: over the same steps, the least any per-step check of these tensors can cost in
+  Python: reading each parameter's address, its ``.grad`` and the gradient's address once
+  (timed inside the optimizer's ``zero_grad``, before tolaria's calls of the step, so the
+  caches are as a step leaves them). The Governor must ask at least that much every step to
+  know that the tensors its cached plans read are still where they were.
+
 Models: ``transformer-292-tensors`` (the CPU training scenario's 24-layer transformer, 292
-parameter tensors, so 584 tensors checked per step with their gradients) and
-``many-small-5000-tensors`` (2,500 ``Linear(8, 8)`` layers: 5,000 parameter tensors).
+parameter tensors, so 584 tensors checked per step with their gradients; 5.3 MB of weights),
+``linear-stack-292-tensors`` (146 ``Linear(16, 16)`` layers: the same tensor count in 0.16 MB,
+so on the CPU the model's data do not push tolaria's bookkeeping out of the caches, as on a GPU
+host whose tensors live in device memory) and ``many-small-5000-tensors`` (2,500
+``Linear(8, 8)`` layers: 5,000 parameter tensors).
 
 On CUDA the checks run as they ship. On CPU the same device path runs on
 :class:`tolaria.bench.fake_device.FakeDevice` (``health_backend="triton"``; the kernels are left
@@ -28,6 +37,8 @@ comparison that this in-place variant skips.) Without Triton there are no CPU ro
 from __future__ import annotations
 
 import contextlib
+import time
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -41,25 +52,30 @@ from tolaria.bench.training import CPU_TRANSFORMER, SNAPSHOT_EVERY, Batch, Train
 MODES = ("guarded-blocking", "guarded-deferred")
 
 
+def linear_stack_setup(name: str, layers: int, width: int, batch: int = 16) -> TrainingSetup:
+    """``layers`` ``Linear(width, width)`` layers classifying random inputs into ``width`` classes."""
+
+    def batches(generator: torch.Generator) -> list[Batch]:
+        inputs = torch.randn(batch, width, generator=generator)
+        return [(inputs, torch.randint(0, width, (batch,), generator=generator))]
+
+    def model() -> nn.Module:  # built where the caller says (a device, or meta for sizes)
+        return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+    return TrainingSetup(name, model, batches)
+
+
 def many_small_setup(
     name: str = "many-small-5000-tensors", layers: int = 2500, batch: int = 16
 ) -> TrainingSetup:
-    """2,500 ``Linear(8, 8)`` layers classifying random inputs into 8 classes."""
-
-    def batches(generator: torch.Generator) -> list[Batch]:
-        return [
-            (torch.randn(batch, 8, generator=generator), torch.randint(0, 8, (batch,), generator=generator))
-        ]
-
-    def model() -> nn.Module:  # built where the caller says (a device, or meta for sizes)
-        return nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
-
-    return TrainingSetup(name, model, batches)
+    """2,500 ``Linear(8, 8)`` layers: 5,000 tensors."""
+    return linear_stack_setup(name, layers, 8, batch)
 
 
 def setups() -> list[TrainingSetup]:
     return [
         transformer_setup("transformer-292-tensors", CPU_TRANSFORMER, batch=4, tokens=32),
+        linear_stack_setup("linear-stack-292-tensors", layers=146, width=16),
         many_small_setup(),
     ]
 
@@ -72,28 +88,55 @@ def _row(scenario: str, variant: str, device: str, samples: list[float]) -> Meas
                        percentile(samples, 0.1), percentile(samples, 0.9), len(samples))  # fmt: skip
 
 
-class GradientsInPlace:
-    """Wraps an optimizer so that ``zero_grad`` zeroes the gradients in place (they keep their
+_data_ptr = torch.Tensor.data_ptr
+_grad = attrgetter("grad")
+
+
+def read_floor(params: tuple[torch.Tensor, ...]) -> float | None:
+    """Seconds to read each parameter's address, its ``.grad`` and that gradient's address once
+    (None while a parameter has no gradient): the ``floor`` row (see the module docstring)."""
+    start = time.perf_counter()
+    tuple(map(_data_ptr, params))
+    grads = tuple(map(_grad, params))
+    try:
+        tuple(map(_data_ptr, grads))
+    except TypeError:  # a None among them: no gradients yet
+        return None
+    return time.perf_counter() - start
+
+
+class ProbedOptimizer:
+    """Wraps an optimizer: ``zero_grad`` first times :func:`read_floor` over ``params`` (into
+    ``floors``), then zeroes the gradients, in place when ``in_place`` (they keep their
     addresses, as on CUDA; see the module docstring). GuardedStep unwraps it like a trainer's."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params: tuple[torch.Tensor, ...], in_place: bool
+    ) -> None:
         self.optimizer = optimizer
+        self.params = params
+        self.in_place = in_place
+        self.floors: list[float] = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
+        floor = read_floor(self.params)
+        if floor is not None:
+            self.floors.append(floor)
+        self.optimizer.zero_grad(set_to_none=False if self.in_place else set_to_none)
 
     def step(self) -> None:
         self.optimizer.step()
 
 
 def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: int, steps: int
-                   ) -> list[StepOutcome]:  # fmt: skip
+                   ) -> tuple[list[StepOutcome], list[float]]:  # fmt: skip
+    """The outcomes of ``steps`` guarded steps after ``warmup``, and their floors."""
     torch.manual_seed(0)
     model = setup.model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     on_cuda = torch.device(device).type == "cuda"
     governor = TolariaGovernor(model, optimizer=optimizer, health_backend="auto" if on_cuda else "triton")
-    stepper: object = optimizer if on_cuda else GradientsInPlace(optimizer)
+    stepper = ProbedOptimizer(optimizer, tuple(model.parameters()), in_place=not on_cuda)
     guard = GuardedStep(governor, stepper, snapshot_every=SNAPSHOT_EVERY, deferred=deferred)  # type: ignore[arg-type]
     inputs, targets = (t.to(device) for t in setup.batches(torch.Generator().manual_seed(0))[0])
 
@@ -105,7 +148,7 @@ def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: in
     rolled_back = [o for o in outcomes if o.rolled_back]
     if rolled_back:
         raise RuntimeError(f"tolaria rolled back during the benchmark ({rolled_back[0].panic_reason})")
-    return outcomes[warmup:]
+    return outcomes[warmup:], stepper.floors[-steps:]
 
 
 def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measurement]:
@@ -113,16 +156,19 @@ def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measureme
     :func:`tolaria.bench.fake_device.fake_device_checks`)."""
     steps = 2 * SNAPSHOT_EVERY if quick else 5 * SNAPSHOT_EVERY
     scenario = f"guard-host/{setup.name}"
-    rows = []
+    rows, floors = [], []
     on_cuda = torch.device(device).type == "cuda"
     for mode in MODES:
         with contextlib.nullcontext() if on_cuda else fake_device.fake_device_checks():
-            outcomes = _guarded_steps(setup, device, mode == "guarded-deferred", SNAPSHOT_EVERY, steps)
+            outcomes, floor = _guarded_steps(setup, device, mode == "guarded-deferred", SNAPSHOT_EVERY, steps)
+        floors += floor
         rows.append(_row(scenario, mode, device, [o.governor_seconds for o in outcomes]))
         snapshots = [o.governor_seconds for o in outcomes if o.snapshot is not None]
         if snapshots:
             rows.append(_row(scenario, f"{mode}-snapshot-steps", device, snapshots))
         release_cached_memory(device)
+    if floors:
+        rows.append(_row(scenario, "floor", device, floors))
     return rows
 
 
@@ -134,13 +180,30 @@ def run(device: str, quick: bool) -> list[Measurement]:
 
 
 def summary(rows: list[Measurement]) -> list[str]:
-    """Host microseconds per step inside the Governor, one line per model and mode."""
+    """Host microseconds per step inside the Governor, one line per model and mode, with its
+    multiple of the floor of the same run where one was measured."""
+    floors = {row.scenario: row.median_s for row in rows if row.variant == "floor"}
     lines = []
     for row in rows:
         if row.scenario.startswith("guard-host/") and row.variant in MODES:
-            lines.append(f"{row.scenario}: {row.variant} spends {row.median_s * 1e6:.1f} µs of host time per "
-                         f"step in the Governor's calls (median; p90 {row.p90_s * 1e6:.1f} µs)")  # fmt: skip
+            line = (f"{row.scenario}: {row.variant} spends {row.median_s * 1e6:.1f} µs of host time per "
+                    f"step in the Governor's calls (median; p90 {row.p90_s * 1e6:.1f} µs)")  # fmt: skip
+            floor = floors.get(row.scenario)
+            if floor:
+                line += (f", {row.median_s / floor:.1f}× the floor of reading each tensor's .grad and "
+                         f"address once ({floor * 1e6:.1f} µs)")  # fmt: skip
+            lines.append(line)
     return lines
 
 
-__all__ = ["MODES", "many_small_setup", "run", "setup_rows", "setups", "summary"]
+__all__ = [
+    "MODES",
+    "ProbedOptimizer",
+    "linear_stack_setup",
+    "many_small_setup",
+    "read_floor",
+    "run",
+    "setup_rows",
+    "setups",
+    "summary",
+]

@@ -6,7 +6,7 @@ import math
 import operator
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,9 @@ class HealthReport:
     ``nonfinite[i] == nan[i] + posinf[i] + neginf[i]``; ``norms[i]`` is the L2 norm of tensor
     ``i`` computed in fp32 (fp64 for fp64 tensors) and is NaN/Inf when the tensor is sick.
     ``global_norm`` is ``sqrt(sum(norms**2))``. ``first_bad`` names the first tensor with a
-    non-finite element, or is None when every tensor is finite.
+    non-finite element, or is None when every tensor is finite. ``squares``: the per-tensor
+    sums of squares behind the norms, when the backend computed them (the compiled pass and the
+    kernel do; None for the reference): sums of them are exact where squared norms are not.
     """
 
     names: list[str]
@@ -31,6 +33,7 @@ class HealthReport:
     global_norm: float
     first_bad: str | None
     backend: str
+    squares: list[float] | None = field(default=None, compare=False, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -78,6 +81,7 @@ def build_report(
         global_norm=global_norm,
         first_bad=first_bad,
         backend=backend,
+        squares=list(squares) if squares is not None else None,
     )
 
 
@@ -108,6 +112,7 @@ def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], back
         global_norm=_root_of_sum(squares),
         first_bad=first_bad,
         backend=backend,
+        squares=list(squares),
     )
 
 
@@ -117,7 +122,7 @@ def report_from_rows(names: Sequence[str], rows: torch.Tensor, backend: str) -> 
     one tensor op and the norms are taken on the tensor (the same correctly rounded square roots)."""
     if rows[1:].count_nonzero():
         return report_from_sums(names, rows.tolist(), backend)
-    squares = rows[0]
+    squares = rows[0].tolist()
     count = len(names)
     return HealthReport(
         names=list(names),
@@ -125,10 +130,11 @@ def report_from_rows(names: Sequence[str], rows: torch.Tensor, backend: str) -> 
         nan=[0] * count,
         posinf=[0] * count,
         neginf=[0] * count,
-        norms=squares.sqrt().tolist(),
-        global_norm=_root_of_sum(squares.tolist()),
+        norms=rows[0].sqrt().tolist(),
+        global_norm=_root_of_sum(squares),
         first_bad=None,
         backend=backend,
+        squares=squares,
     )
 
 
