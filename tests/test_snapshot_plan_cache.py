@@ -231,6 +231,10 @@ def _new_storage(m: nn.Sequential) -> None:
     m[0].weight.data = torch.randn(4, 4)
 
 
+def _transposed(m: nn.Sequential) -> None:  # the same storage and address, no longer contiguous
+    m[0].weight.data = m[0].weight.data.t()
+
+
 def _new_shape(m: nn.Sequential) -> None:
     m[0].weight.data = torch.randn(4, 6)
 
@@ -263,6 +267,7 @@ CHANGES: dict[str, Change] = {
     "module-removed": _delete_module,
     "module-replaced": _replace_module,
     "storage-replaced": _new_storage,
+    "transposed-in-place": _transposed,
     "shape-changed": _new_shape,
     "dtype-changed": _new_dtype,
     "load-state-dict-assign": _load_assign,

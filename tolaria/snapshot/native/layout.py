@@ -66,11 +66,11 @@ def signature_of(keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Si
 
 
 def byte_signature(tensors: tuple[torch.Tensor, ...]) -> Signature:
-    """What decides whether copying a known tensor's bytes is safe: dtype, device, contiguity and
-    byte size. Much cheaper than :func:`signature_of` (no ``torch.Size`` per tensor)."""
+    """With the copied tensors' addresses, what decides whether copying a known tensor's bytes
+    is safe: dtype, contiguity and byte size. Much cheaper than :func:`signature_of` (no
+    ``torch.Size`` per tensor); a tensor moved to another device has another address."""
     return (
         tuple(map(_dtype, tensors)),
-        tuple(map(_device, tensors)),
         tuple(map(_is_contiguous, tensors)),
         tuple(map(_nbytes, tensors)),
     )
@@ -137,10 +137,14 @@ class ArenaPlan:
     ) -> None:
         self.signature = signature
         self.keys = tuple(key for key, _ in items)
-        # The tensor objects last captured with this plan, and their byte signature: the same
-        # objects with the same bytes skip the full structural signature (see recognises()).
+        # The tensor objects last captured with this plan, their byte signature and the direct
+        # slots' addresses: the same objects with the same bytes at the same addresses skip the
+        # full structural signature (see recognises()). ``_read_for``: the tensor tuple whose
+        # direct addresses were just read, and those addresses (read once per capture).
         self._seen: tuple[torch.Tensor, ...] | None = None
         self._seen_bytes: Signature | None = None
+        self._seen_addresses: list[int] | None = None
+        self._read_for: tuple[tuple[torch.Tensor, ...], list[int]] | None = None
         self.key_index = {key: index for index, key in enumerate(self.keys)}
         self.device = _primary_device(items)
         on_cuda = self.device.type == "cuda"
@@ -217,7 +221,11 @@ class ArenaPlan:
         self._scratch: DeviceScratch | None = None
 
     def direct_addresses(self, tensors: Sequence[torch.Tensor]) -> list[int]:
-        """The data addresses of the ``direct`` slots' tensors, in slot order."""
+        """The data addresses of the ``direct`` slots' tensors, in slot order (those that
+        :meth:`recognises` or :meth:`remember` just read for this very tuple)."""
+        read = self._read_for
+        if read is not None and read[0] is tensors:
+            return read[1]
         return _addresses(self._pick_direct, tensors)
 
     def restore_routes(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> list[int] | None:
@@ -230,14 +238,18 @@ class ArenaPlan:
         """
         if not (self.recognises(keys, tensors) and self.ties_hold(tensors)):
             return None
-        if tuple(map(_size, tensors)) != self.signature[2]:
+        # Shapes and devices in full: recognises() compares the captured slots' addresses only,
+        # and a restore writes by address into slots that the capture copied otherwise.
+        shapes, devices = self.signature[2], self.signature[3]
+        if tuple(map(_size, tensors)) != shapes or tuple(map(_device, tensors)) != devices:
             return None
         addresses = _addresses(self._pick_restore, tensors)
         return addresses if len(set(addresses)) == len(addresses) else None
 
     def recognises(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
         """Whether ``tensors`` are the very objects last captured with this plan, under the same
-        keys, with unchanged dtype, device, contiguity and byte size.
+        keys, with unchanged dtype, contiguity and byte size, the direct slots at the same
+        addresses (a tensor moved to new memory or another device is not recognised).
 
         This is what keeps a 5,000-tensor capture from rebuilding ``torch.Size`` objects: the
         copy reads ``nbytes`` contiguous bytes at each tensor's current address, so these
@@ -246,17 +258,23 @@ class ArenaPlan:
         still captured and restored exactly, only the LKG views keep the planned shape.
         """
         seen = self._seen
-        return (
+        if not (
             seen is not None
             and len(tensors) == len(seen)
             and keys == self.keys
             and all(map(is_, tensors, seen))
             and byte_signature(tensors) == self._seen_bytes
-        )
+        ):
+            return False
+        addresses = _addresses(self._pick_direct, tensors)
+        self._read_for = (tensors, addresses)
+        return addresses == self._seen_addresses
 
     def remember(self, tensors: tuple[torch.Tensor, ...]) -> None:
         """Record ``tensors`` (just checked against the full signature) for :meth:`recognises`."""
         self._seen, self._seen_bytes = tensors, byte_signature(tensors)
+        self._seen_addresses = _addresses(self._pick_direct, tensors)
+        self._read_for = (tensors, self._seen_addresses)
 
     def ties_hold(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether keys that shared memory at planning time still do (else a new plan is needed)."""
