@@ -1,5 +1,6 @@
 // See object_scan.h. The Python twins these must agree with live in tolaria/health/structure.py
-// (same_members) and tolaria/health/pairs.py (gradients); tests/test_object_scan.py compares them.
+// (same_members), tolaria/health/pairs.py (gradients) and tolaria/health/plan.py (same_ids);
+// tests/test_object_scan.py compares them.
 #include "object_scan.h"
 
 #include <Python.h>
@@ -94,6 +95,23 @@ py::tuple gradients(py::tuple params) {
   return py::make_tuple(grads, present);
 }
 
+// Whether objects[i] is the object whose id() is ids[i], for every i (and the lengths agree):
+// id() is the object's address, so this compares pointers without making an int per object.
+bool same_ids(py::handle objects, py::tuple ids) {
+  py::object items = py::reinterpret_steal<py::object>(
+      PySequence_Fast(objects.ptr(), "objects must be a list or a tuple"));
+  if (!items) throw py::error_already_set();
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(items.ptr());
+  if (count != PyTuple_GET_SIZE(ids.ptr())) return false;
+  PyObject** item = PySequence_Fast_ITEMS(items.ptr());
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    void* expected = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ids.ptr(), i));
+    if (expected == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    if (static_cast<void*>(item[i]) != expected) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 void register_object_scan(py::module_& m) {
@@ -106,6 +124,9 @@ void register_object_scan(py::module_& m) {
   m.def("gradients", &gradients, py::arg("params"),
         "(grads, present): the .grad of every parameter in the tuple params that has one, in order, "
         "and the indices of those parameters, or None for present when every one has a gradient.");
+  m.def("same_ids", &same_ids, py::arg("objects"), py::arg("ids"),
+        "Whether objects (a list or a tuple) holds exactly the objects whose id() values ids lists, "
+        "in order: tuple(map(id, objects)) == ids without making an int per object.");
 }
 
 }  // namespace tolaria

@@ -173,3 +173,32 @@ def test_gradients_of_nothing_and_bad_arguments() -> None:
         _C.gradients((object(),))
     with pytest.raises(AttributeError):
         gradients_in_python((object(),))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_same_ids_matches_comparing_the_ids(container: type) -> None:
+    from tolaria.health.plan import _same_ids
+
+    tensors = [torch.zeros(1) for _ in range(4)]
+    ids = tuple(map(id, tensors))
+    cases = {
+        "same": container(tensors),
+        "one-replaced": container([*tensors[:2], torch.zeros(1), tensors[3]]),
+        "reordered": container(tensors[::-1]),
+        "shorter": container(tensors[:3]),
+        "longer": container([*tensors, tensors[0]]),
+        "empty": container([]),
+    }
+    for name, objects in cases.items():
+        expected = tuple(map(id, objects)) == ids
+        assert _C.same_ids(objects, ids) is expected, name
+        assert _same_ids(objects, ids) is expected, name  # the twin takes the same path for both
+    assert _C.same_ids((), ())
+    assert _same_ids(iter(tensors), ids)  # not a list or tuple: compared in Python
+
+
+def test_same_ids_names_its_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="list or a tuple"):
+        _C.same_ids(object(), ())
+    with pytest.raises(TypeError):
+        _C.same_ids([object()], ("not an id",))

@@ -47,6 +47,10 @@ def same_members(
     objects recorded (both in walk order: module by module, sized keys then valued keys). A
     missing holder, or one that is not a dict, reads as changed."""
 
+def same_ids(objects: list[Any] | tuple[Any, ...], ids: tuple[int, ...]) -> bool:
+    """``tuple(map(id, objects)) == ids``, comparing addresses without making an int per object.
+    TypeError when ``objects`` is not a list or a tuple."""
+
 def gradients(params: tuple[object, ...]) -> tuple[list[Any], list[int] | None]:
     """The ``.grad`` of every parameter that has one, in order, and those parameters' indices
     (None when every one has a gradient)."""

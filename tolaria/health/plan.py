@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from tolaria import _ext
 from tolaria.health import triton_kernels as kernels
 from tolaria.health.device import DeviceRuntime
 from tolaria.health.reference import integer_norm
@@ -65,6 +66,14 @@ _data_ptr = torch.Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
 _dtype = attrgetter("dtype")
 _is_contiguous = torch.Tensor.is_contiguous
+
+
+def _same_ids(tensors: Sequence[torch.Tensor], ids: tuple[int, ...]) -> bool:
+    """``tuple(map(id, tensors)) == ids``, in one C loop when the extension is loaded."""
+    compiled = _ext.extension()
+    if compiled is not None and isinstance(tensors, (list, tuple)):
+        return bool(compiled.same_ids(tensors, ids))
+    return tuple(map(id, tensors)) == ids
 
 
 def graphs_enabled() -> bool:
@@ -278,9 +287,10 @@ class TritonPlan:
 
     def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, layouts."""
-        ids = tuple(map(id, tensors))
-        if ids == self._trusted_ids and self._alive[0]:
+        trusted = self._trusted_ids
+        if trusted is not None and self._alive[0] and _same_ids(tensors, trusted):
             return True
+        ids = tuple(map(id, tensors))
         if self._metadata(tensors) != self.metadata:
             return False
         if self._layout_checked and self._layout(tensors) != self.checked_layout:
