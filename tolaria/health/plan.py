@@ -7,9 +7,10 @@ copies, enqueues the launches (or replays them) and copies the ``[4, T]`` result
 slot behind an event. Plans are cached least-recently-used, eight at most; not thread-safe
 (the Governor is not).
 
-Finding the plan of a call costs one ``data_ptr()`` (the cache key) and one ``id()`` per
-tensor when the set is trusted: the same live tensor objects as in the last two checks, on the
-same live storages. Weak references to each tensor and to each storage end the trust when one
+Finding the plan of a call costs one ``data_ptr()`` per tensor (the cache key) and, when the
+set is trusted, one pointer comparison per tensor in C (``tolaria._C.same_ids``; ``id()`` in
+Python without the extension): trusted means the same live tensor objects as in the last two
+checks, on the same live storages. Weak references to each tensor and to each storage end the trust when one
 dies; two live storages never share an address, so a tensor whose ``.data`` moved away and back
 to the same address is on a new storage and is compared again. Any other set has every byte
 size, dtype and contiguity compared, plus shape and strides wherever contiguity alone does not

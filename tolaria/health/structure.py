@@ -14,8 +14,9 @@ passes over what the walk read (no Python code per module), or one C loop
   (torch's global registration hooks bump :func:`generation`; ``load_state_dict(assign=True)``
   and ``module.x = ...`` go through them).
 
-Not seen (they change no dict): ``p.data = other`` (the stores read every tensor's address,
-dtype, device and byte size at each capture; see :mod:`tolaria.snapshot.native.layout`), a
+Not seen (they change no dict): ``p.data = other`` (the stores compare every tensor's dtype,
+contiguity and byte size and every copied tensor's address at each capture; see
+:mod:`tolaria.snapshot.native.layout`; the health check's plans key on the addresses), a
 module's ``__class__`` or methods patched on the instance after the walk, and an entry renamed
 by writing the private dicts by hand (same values under other keys).
 """
