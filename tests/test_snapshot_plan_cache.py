@@ -429,6 +429,23 @@ def test_check_health_follows_model_changes(change: str) -> None:
     assert gov.pending_panic is not None and gov.pending_panic.reason == "governor_nonfinite_grads"
 
 
+@pytest.mark.parametrize("missing", [(0,), (2,), (0, 3), (1, 2, 3)], ids=lambda m: f"no-grad={m}")
+def test_check_health_lists_only_the_gradients_that_exist(missing: tuple[int, ...]) -> None:
+    model = make_model()
+    gov = governor(model, "native")
+    train_step(model, None)
+    params = list(model.parameters())
+    for index in missing:
+        params[index].grad = None
+    assert_pairs_fresh(gov)
+    with torch.no_grad():  # a NaN in the last gradient that exists is found and named
+        last = max(i for i in range(len(params)) if i not in missing)
+        params[last].grad.view(-1)[0] = float("nan")  # type: ignore[union-attr]
+    assert gov.check_health()
+    names = [name for name, _ in model.named_parameters()]
+    assert gov.pending_panic is not None and gov.pending_panic.first_bad == f"{names[last]}.grad"
+
+
 def test_a_buffer_change_relists_nothing_a_snapshot_rederives_it() -> None:
     model = make_model()
     gov = governor(model, "native")

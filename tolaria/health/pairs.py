@@ -154,12 +154,6 @@ class CheckedTensors:
         grad_names = [self._grad_names[index] for index in present]
         return Listing([*param_names, *grad_names], [*params, *found], n_params)
 
-    def pairs(self, model: nn.Module, *, parameters: bool, gradients: bool, known: GradientNorms | None = None
-              ) -> tuple[Pairs, int]:  # fmt: skip
-        """:meth:`listing` as ``(name, tensor)`` pairs, and how many of them are parameters."""
-        listing = self.listing(model, parameters=parameters, gradients=gradients, known=known)
-        return listing.pairs(), listing.n_params
-
     def names(self, model: nn.Module, *, parameters: bool, gradients: bool) -> list[str]:
         """Every name :meth:`listing` may report, gradients or not (the same list on every rank)."""
         self._refresh(model)
