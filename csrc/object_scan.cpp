@@ -36,7 +36,9 @@ bool same_members(py::tuple module_dicts, py::tuple valued_keys, py::tuple sized
         if (PyErr_Occurred()) throw py::error_already_set();
         return false;
       }
-      const Py_ssize_t length = PyObject_Size(sized);
+      // Held across the call: a container's __len__ is Python code that could drop it.
+      py::object held = py::reinterpret_borrow<py::object>(sized);
+      const Py_ssize_t length = PyObject_Size(held.ptr());
       if (length < 0) {
         PyErr_Clear();
         return false;
