@@ -39,7 +39,10 @@ bool same_members(py::tuple module_dicts, py::tuple valued_keys, py::tuple sized
       // Held across the call: a container's __len__ is Python code that could drop it.
       py::object held = py::reinterpret_borrow<py::object>(sized);
       const Py_ssize_t length = PyObject_Size(held.ptr());
-      if (length < 0) {
+      if (length < 0) {  // as the twin: a holder without a size reads as changed, other errors raise
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_KeyError)) {
+          throw py::error_already_set();
+        }
         PyErr_Clear();
         return false;
       }
@@ -82,7 +85,9 @@ py::tuple gradients(py::tuple params) {
       if (present.is_none()) {  // the first missing one: every earlier parameter had a gradient
         py::list indices(i);
         for (Py_ssize_t j = 0; j < i; ++j) {
-          PyList_SET_ITEM(indices.ptr(), j, PyLong_FromSsize_t(j));
+          PyObject* index = PyLong_FromSsize_t(j);
+          if (index == nullptr) throw py::error_already_set();
+          PyList_SET_ITEM(indices.ptr(), j, index);
         }
         present = std::move(indices);
       }

@@ -135,3 +135,16 @@ def test_finite_gradients_whose_norm_overflows_count_as_explosions_during_warm_u
     set_grads(model, 1.0)
     gov.execute_rollback()
     assert gov.check_health() is False and len(gov._watch.grad_norms.history) == 1
+
+
+def test_a_backend_name_set_on_the_governor_later_is_still_checked() -> None:
+    from tolaria.health import dispatch
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    gov = TolariaGovernor(net)
+    net(torch.randn(5, 3)).sum().backward()
+    gov.health_backend = "Triton"  # a typo after construction: refused at the check, not ignored
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gov.check_health()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.check_listed(["t"], [torch.zeros(1)], backend="fast")

@@ -202,3 +202,19 @@ def test_same_ids_names_its_bad_arguments() -> None:
         _C.same_ids(object(), ())
     with pytest.raises(TypeError):
         _C.same_ids([object()], ("not an id",))
+
+
+class _BrokenSize(set):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        raise RuntimeError("a container that cannot say its size")
+
+
+def test_an_error_other_than_a_missing_size_is_raised_by_both() -> None:
+    net = model()
+    tree = ModuleTree(net)
+    vars(net)["_non_persistent_buffers_set"] = _BrokenSize()
+    with pytest.raises(RuntimeError, match="cannot say its size"):
+        compiled_answer(tree)
+    with pytest.raises(RuntimeError, match="cannot say its size"):
+        tree.unchanged_in_python()
+

@@ -89,8 +89,7 @@ def check_tensors(
     ``named_tensors`` is a mapping or does not hold ``(str, tensor)`` pairs; RuntimeError when
     ``"triton"`` or ``"native"`` cannot run.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     if isinstance(named_tensors, Mapping):
         # Iterating a dict yields its keys: a silent misreading, never what was meant.
         raise TypeError(
@@ -110,8 +109,9 @@ def check_tensors(
 def check_listed(names: Sequence[str], tensors: Sequence[torch.Tensor], *, backend: str) -> HealthHandle:
     """The handle of :func:`check_tensors` for ``tensors[i]`` named ``names[i]`` (two parallel
     sequences, as the Governor keeps them: no pair is built or taken apart); ``result()`` is the
-    blocking call's report. ``backend`` is one of :data:`BACKENDS` (the caller validated it);
-    the tensors are validated as there."""
+    blocking call's report. ``backend`` and the tensors are validated as there (ValueError for
+    a backend that is not one of :data:`BACKENDS`)."""
+    _check_backend(backend)
     if not tensors:
         return ReadyHealth(build_report([], [], [], [], [], backend="reference"))
     # A handle keeps the names only: holding the tensors until result() would keep last step's
@@ -135,6 +135,11 @@ def check_listed(names: Sequence[str], tensors: Sequence[torch.Tensor], *, backe
         validate_tensors(names, tensors)
         handle = ReadyHealth(reference_check(names, tensors))
     return handle
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _describe(pairs: object) -> str:

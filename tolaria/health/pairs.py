@@ -53,11 +53,13 @@ def gradients_in_python(params: tuple[torch.Tensor, ...]) -> tuple[list[torch.Te
     return [grads[index] for index in present], present
 
 
+_compiled_gradients = getattr(_ext.extension(), "gradients", None)  # None: the twin serves
+
+
 def gradients(params: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[int] | None]:
     """See :func:`gradients_in_python`; one C loop when the extension is loaded."""
-    compiled = _ext.extension()
-    if compiled is not None:
-        return compiled.gradients(params)
+    if _compiled_gradients is not None:
+        return _compiled_gradients(params)  # type: ignore[no-any-return]
     return gradients_in_python(params)
 
 

@@ -69,11 +69,13 @@ _dtype = attrgetter("dtype")
 _is_contiguous = torch.Tensor.is_contiguous
 
 
+_compiled_same_ids = getattr(_ext.extension(), "same_ids", None)  # None: compared in Python
+
+
 def _same_ids(tensors: Sequence[torch.Tensor], ids: tuple[int, ...]) -> bool:
     """``tuple(map(id, tensors)) == ids``, in one C loop when the extension is loaded."""
-    compiled = _ext.extension()
-    if compiled is not None and isinstance(tensors, (list, tuple)):
-        return bool(compiled.same_ids(tensors, ids))
+    if _compiled_same_ids is not None and isinstance(tensors, (list, tuple)):
+        return bool(_compiled_same_ids(tensors, ids))
     return tuple(map(id, tensors)) == ids
 
 

@@ -22,6 +22,8 @@ class HealthReport:
     non-finite element, or is None when every tensor is finite. ``squares``: the per-tensor
     sums of squares behind the norms, when the backend computed them (the compiled pass and the
     kernel do; None for the reference): sums of them are exact where squared norms are not.
+    A report made with ``dataclasses.replace(report, norms=...)`` should pass ``squares=None``
+    too: the gradient norm reads ``squares`` first.
     """
 
     names: list[str]

@@ -46,6 +46,10 @@ torch_module.register_module_parameter_registration_hook(_bump)
 torch_module.register_module_buffer_registration_hook(_bump)
 
 
+# The compiled comparison, or None (no extension, or one built before it existed: the twin).
+_same_members = getattr(_ext.extension(), "same_members", None)
+
+
 def generation() -> int:
     """How many parameters, buffers and modules were registered in this process so far."""
     return _generation
@@ -97,10 +101,9 @@ class ModuleTree:
         A holder replaced by another object with the same values changes nothing a walk reads."""
         if model is not self.model or _generation != self.generation or not self.readable:
             return False
-        compiled = _ext.extension()
-        if compiled is not None:
+        if _same_members is not None:
             valued, sized = self._keys
-            return bool(compiled.same_members(self._dicts, valued, sized, self._values, self._sizes))
+            return bool(_same_members(self._dicts, valued, sized, self._values, self._sizes))
         return self.unchanged_in_python()
 
     def unchanged_in_python(self) -> bool:
