@@ -105,6 +105,22 @@ def test_a_meta_tensor_loss_is_refused(backend: str) -> None:
     assert len(gov.loss_history) == 0 and gov.pending_verdicts == 0
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["blocking", "deferred"])
+@pytest.mark.parametrize(
+    "loss", [torch.tensor(True), torch.tensor(1.0 + 0j), torch.ones(2)], ids=["bool", "complex", "two"]
+)
+def test_a_trainer_hook_refuses_a_loss_that_is_not_one_number(deferred: bool, loss: torch.Tensor) -> None:
+    from tolaria.hooks import TrainerHook
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gov = TolariaGovernor(model, optimizer=optimizer)
+    hook = TrainerHook(gov, optimizer, deferred=deferred)
+    with pytest.raises(TypeError, match="one-element real tensor"):  # the same in both modes
+        hook.begin(loss)
+    assert hook.steps_taken == 0 and len(gov.loss_history) == 0
+
+
 def test_a_dict_where_name_tensor_pairs_are_expected_is_refused() -> None:
     weights = {"weight": torch.ones(2), "bias": torch.ones(1)}
     with pytest.raises(TypeError, match=r"got a dict; pass its .items\(\)"):

@@ -51,6 +51,7 @@ from tolaria.governor import GovernorReport, SnapshotInfo, TolariaGovernor
 from tolaria.optim import unwrap_optimizer
 from tolaria.outcome import StepOutcome
 from tolaria.recovery.skiplist import BatchLog, append_to_skip_file
+from tolaria.vitals import check_loss_tensor
 
 #: The panic reason of ``scaler_overflow_limit`` GradScaler overflows in a row.
 REASON_SCALER_OVERFLOW = "governor_scaler_overflow"
@@ -197,27 +198,31 @@ class TrainerHook:
         """Start judging one step: read the loss (times ``loss_scale``) now. ``started``: the
         :meth:`now` at which the caller's step began (default: now); ``batch_id``: see
         :meth:`after_backward`. Raises TypeError for a loss that is neither None, a number nor a
-        one-element tensor, or a ``batch_id`` that is not JSON-serialisable."""
+        one-element real tensor (bool and complex are refused), or a ``batch_id`` that is not
+        JSON-serialisable; ValueError for a loss on the meta device."""
         start = self.now() if started is None else started
         scale = self.loss_scale if loss_scale is None else check_loss_scale(loss_scale)
+        # The loss is validated before anything is recorded: a refused step leaves no trace.
+        judged: torch.Tensor | float | None = None
+        value = math.nan
+        if isinstance(loss, torch.Tensor):
+            # One validation for every mode: more than one element, complex or bool is a TypeError,
+            # a meta tensor a ValueError (the deferred stager would refuse them later otherwise).
+            scalar = check_loss_tensor(loss)
+            tensor = scalar * scale if scale != 1.0 else scalar
+            # Deferred mode reads no loss on CUDA (that read is the sync it avoids).
+            free = not self.deferred or not tensor.is_cuda or self._sync
+            judged, value = tensor, float(tensor) if free else math.nan
+        elif loss is not None:
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise TypeError(f"loss must be a one-element tensor or a number, got {type(loss).__name__}")
+            value = float(loss) * scale
+            judged = value
         if batch_id is not None:
             self.batches.saw(batch_id)
         step = self.steps_taken
         self.steps_taken += 1
-        if loss is None:
-            return PendingStep(self, step, start, None, math.nan)
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                shape = tuple(loss.shape)
-                raise TypeError(f"loss must be a one-element tensor or a number, got shape {shape}")
-            tensor = loss.detach().reshape(()) * scale if scale != 1.0 else loss.detach().reshape(())
-            # Deferred mode reads no loss on CUDA (that read is the sync it avoids).
-            free = not self.deferred or not tensor.is_cuda or self._sync
-            return PendingStep(self, step, start, tensor, float(tensor) if free else math.nan)
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-            raise TypeError(f"loss must be a one-element tensor or a number, got {type(loss).__name__}")
-        value = float(loss) * scale
-        return PendingStep(self, step, start, value, value)
+        return PendingStep(self, step, start, judged, value)
 
     def _grad_norm(self) -> float | None:
         # The governed model's gradients, the ones the health check reads: one meaning of
