@@ -210,9 +210,13 @@ class TrainerHook:
             # a meta tensor a ValueError (the deferred stager would refuse them later otherwise).
             scalar = check_loss_tensor(loss)
             tensor = scalar * scale if scale != 1.0 else scalar
-            # Deferred mode reads no loss on CUDA (that read is the sync it avoids).
-            free = not self.deferred or not tensor.is_cuda or self._sync
-            judged, value = tensor, float(tensor) if free else math.nan
+            # Deferred mode reads no loss on CUDA (that read is the sync it avoids); a loss read
+            # here is judged as that float, so no later check reads it again.
+            if not self.deferred or not tensor.is_cuda or self._sync:
+                value = float(tensor)
+                judged = value
+            else:
+                judged = tensor
         elif loss is not None:
             if isinstance(loss, bool) or not isinstance(loss, (int, float)):
                 raise TypeError(f"loss must be a one-element tensor or a number, got {type(loss).__name__}")
@@ -315,8 +319,6 @@ class PendingStep:
         if hook.track_grad_norm:
             self._grad_norm = hook._grad_norm()
         loss = self._loss if self._loss is not None else math.nan
-        if isinstance(loss, torch.Tensor) and not math.isnan(self.loss_value):
-            loss = self.loss_value  # begin() read it already (CPU, or synchronize=True): not read twice
         mark = hook.now()
         panicked = hook.governor.observe(loss, step=self.step)
         self._check += hook.now() - mark

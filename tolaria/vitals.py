@@ -117,10 +117,11 @@ class SpikeDetector:
 
     def std(self) -> float:
         """Population standard deviation of the history; NaN when empty."""
-        if not self.history:
-            return math.nan
-        mean = self.mean()
-        return math.sqrt(math.fsum((x - mean) ** 2 for x in self.history) / len(self.history))
+        return self._std(self.mean()) if self.history else math.nan
+
+    def _std(self, mean: float) -> float:
+        history = self.history
+        return math.sqrt(math.fsum([(x - mean) ** 2 for x in history]) / len(history))
 
     def threshold(self) -> float:
         """``mean + sensitivity * std``; NaN when the history is empty."""
@@ -129,13 +130,10 @@ class SpikeDetector:
     def limits(self) -> tuple[float, float]:
         """``(mean, threshold)`` of the history in one go (the same values as :meth:`mean` and
         :meth:`threshold`; NaNs when it is empty): a judgement reads the history once."""
-        history = self.history
-        if not history:
+        if not self.history:
             return math.nan, math.nan
-        count = len(history)
-        mean = math.fsum(history) / count
-        std = math.sqrt(math.fsum([(x - mean) ** 2 for x in history]) / count)
-        return mean, mean + self.rule.sensitivity * std
+        mean = self.mean()
+        return mean, mean + self.rule.sensitivity * self._std(mean)
 
     def is_anomaly(self, value: float) -> bool:
         """Whether ``value`` breaks all three limits against the current history (no state change)."""

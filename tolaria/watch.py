@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tolaria.config import WatchConfig
 from tolaria.health import HealthReport
+from tolaria.health.report import root_of_sum
 from tolaria.vitals import (
     REASON_DIVERGENCE,
     REASON_GRAD_EXPLOSION,
@@ -52,14 +53,8 @@ def gradient_norm(report: HealthReport, n_params: int) -> float:
     if len(report.norms) <= n_params:
         return math.nan
     if report.squares is not None:
-        squares = report.squares[n_params:]
-    else:
-        norms = report.norms[n_params:]
-        squares = [n * n for n in norms]
-    try:
-        return math.sqrt(math.fsum(squares))
-    except OverflowError:  # fsum refuses finite partial sums beyond the fp64 range
-        return math.inf
+        return root_of_sum(report.squares[n_params:])
+    return root_of_sum([n * n for n in report.norms[n_params:]])
 
 
 class Watch:

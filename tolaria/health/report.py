@@ -47,7 +47,8 @@ class HealthReport:
         return sum(self.nonfinite)
 
 
-def _root_of_sum(squares: Sequence[float]) -> float:
+def root_of_sum(squares: Sequence[float]) -> float:
+    """``sqrt(fsum(squares))``; +Inf where fsum refuses a finite sum beyond the fp64 range."""
     try:
         return math.sqrt(math.fsum(squares))
     except OverflowError:  # fsum refuses finite partial sums beyond the fp64 range
@@ -72,7 +73,7 @@ def build_report(
         if not len(nan) == len(posinf) == len(neginf) == len(names):
             raise ValueError("names and counts differ in length")
         nonfinite, first_bad = [0] * len(names), None
-    global_norm = _root_of_sum(squares if squares is not None else list(map(operator.mul, norms, norms)))
+    global_norm = root_of_sum(squares if squares is not None else list(map(operator.mul, norms, norms)))
     return HealthReport(
         names=list(names),
         nonfinite=nonfinite,
@@ -111,7 +112,7 @@ def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], back
         posinf=posinf_counts,
         neginf=neginf_counts,
         norms=list(map(math.sqrt, squares)),
-        global_norm=_root_of_sum(squares),
+        global_norm=root_of_sum(squares),
         first_bad=first_bad,
         backend=backend,
         squares=list(squares),
@@ -133,7 +134,7 @@ def report_from_rows(names: Sequence[str], rows: torch.Tensor, backend: str) -> 
         posinf=[0] * count,
         neginf=[0] * count,
         norms=rows[0].sqrt().tolist(),
-        global_norm=_root_of_sum(squares),
+        global_norm=root_of_sum(squares),
         first_bad=None,
         backend=backend,
         squares=squares,
