@@ -1,5 +1,5 @@
 // See object_scan.h. The Python twins these must agree with live in tolaria/health/structure.py
-// (same_members), tolaria/health/pairs.py (gradients) and tolaria/health/plan.py (same_ids);
+// (same_members), tolaria/health/pairs.py (gradients) and tolaria/health/plan.py (untrusted);
 // tests/test_object_scan.py compares them.
 #include "object_scan.h"
 
@@ -102,21 +102,50 @@ py::tuple gradients(py::tuple params) {
   return py::make_tuple(grads, present);
 }
 
-// Whether objects[i] is the object whose id() is ids[i], for every i (and the lengths agree):
-// id() is the object's address, so this compares pointers without making an int per object.
-bool same_ids(py::handle objects, py::tuple ids) {
+// Trust states of a plan's tensors, one byte each (tolaria/health/plan.py owns the meaning).
+constexpr char kNotTrusted = 0;
+constexpr char kTrusted = 1;
+
+// The object a Python int from id() names (nullptr with a Python error set when it is not one).
+void* address_of(PyObject* id) {
+  void* address = PyLong_AsVoidPtr(id);
+  if (address == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return address;
+}
+
+// Which objects a plan must compare: every i where objects[i] is not the trusted object
+// (trusted_ids[i] with state[i] == kTrusted). Of those never trusted (kNotTrusted), `repeated`
+// lists the ones that are the object seen at i last time (seen_ids[i]); for the others
+// seen_ids[i] becomes id(objects[i]). id() is the object's address, so this compares pointers.
+py::tuple untrusted(py::handle objects, py::list trusted_ids, py::bytearray state, py::list seen_ids) {
   py::object items = py::reinterpret_steal<py::object>(
       PySequence_Fast(objects.ptr(), "objects must be a list or a tuple"));
   if (!items) throw py::error_already_set();
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(items.ptr());
-  if (count != PyTuple_GET_SIZE(ids.ptr())) return false;
-  PyObject** item = PySequence_Fast_ITEMS(items.ptr());
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    void* expected = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ids.ptr(), i));
-    if (expected == nullptr && PyErr_Occurred()) throw py::error_already_set();
-    if (static_cast<void*>(item[i]) != expected) return false;
+  if (PyList_GET_SIZE(trusted_ids.ptr()) != count || PyByteArray_GET_SIZE(state.ptr()) != count ||
+      PyList_GET_SIZE(seen_ids.ptr()) != count) {
+    throw py::value_error("objects, trusted_ids, state and seen_ids must have the same length");
   }
-  return true;
+  PyObject** item = PySequence_Fast_ITEMS(items.ptr());
+  const char* states = PyByteArray_AS_STRING(state.ptr());
+  py::list compare(0);
+  py::list repeated(0);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    void* object = static_cast<void*>(item[i]);
+    const char at = states[i];
+    if (at == kTrusted && object == address_of(PyList_GET_ITEM(trusted_ids.ptr(), i))) continue;
+    py::int_ index(i);
+    if (PyList_Append(compare.ptr(), index.ptr()) < 0) throw py::error_already_set();
+    if (at != kNotTrusted) continue;
+    if (object == address_of(PyList_GET_ITEM(seen_ids.ptr(), i))) {
+      if (PyList_Append(repeated.ptr(), index.ptr()) < 0) throw py::error_already_set();
+    } else {
+      PyObject* id = PyLong_FromVoidPtr(object);
+      if (id == nullptr) throw py::error_already_set();
+      PyList_SetItem(seen_ids.ptr(), i, id);  // steals the new int, drops the old one
+    }
+  }
+  return py::make_tuple(compare, repeated);
 }
 
 }  // namespace
@@ -131,9 +160,12 @@ void register_object_scan(py::module_& m) {
   m.def("gradients", &gradients, py::arg("params"),
         "(grads, present): the .grad of every parameter in the tuple params that has one, in order, "
         "and the indices of those parameters, or None for present when every one has a gradient.");
-  m.def("same_ids", &same_ids, py::arg("objects"), py::arg("ids"),
-        "Whether objects (a list or a tuple) holds exactly the objects whose id() values ids lists, "
-        "in order: tuple(map(id, objects)) == ids without making an int per object.");
+  m.def("untrusted", &untrusted, py::arg("objects"), py::arg("trusted_ids"), py::arg("state"),
+        py::arg("seen_ids"),
+        "(compare, repeated): the indices i where objects[i] is not the trusted object (trusted_ids[i] "
+        "while state[i] == 1), and of those with state[i] == 0 the ones that are the object whose "
+        "id() seen_ids[i] holds; every other of those gets seen_ids[i] = id(objects[i]). objects is a "
+        "list or a tuple, trusted_ids and seen_ids lists of ints, state a bytearray, all of one length.");
 }
 
 }  // namespace tolaria

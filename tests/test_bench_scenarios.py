@@ -69,16 +69,16 @@ def test_host_cost_rows_time_both_modes_and_the_snapshot_steps() -> None:
     rows = host_cost.setup_rows(setup, "cpu", quick=True)
     modes = ("guarded-blocking", "guarded-deferred")
     timed = [name for mode in modes for name in (mode, f"{mode}-snapshot-steps")]
-    assert [r.variant for r in rows] == [*timed, "floor"]
+    assert [r.variant for r in rows] == [*timed, "guarded-deferred-gradients-kept", "floor"]
     steps = 2 * training.SNAPSHOT_EVERY
-    assert [r.reps for r in rows] == [steps, 2, steps, 2, 2 * steps]  # the floor: every step of both modes
+    assert [r.reps for r in rows] == [steps, 2, steps, 2, steps, 3 * steps]  # the floor: all three runs
     assert all(r.scenario == "guard-host/many-small-5000-tensors" for r in rows)
     assert runner.baseline_of(rows[0].scenario) == ""
     floor = rows[-1]
     assert 0 < floor.p10_s <= floor.median_s <= floor.p90_s
     lines = host_cost.summary(rows)
     floor_said = "× the floor of reading each tensor's .grad and address once"
-    assert len(lines) == 2 and all(floor_said in line for line in lines)
+    assert len(lines) == 3 and all(floor_said in line for line in lines)
 
 
 def test_the_floor_reads_every_address_once_and_waits_for_gradients() -> None:
@@ -89,13 +89,24 @@ def test_the_floor_reads_every_address_once_and_waits_for_gradients() -> None:
     floor = host_cost.read_floor(params)
     assert floor is not None and floor > 0
     optimizer = torch.optim.SGD(params, lr=0.1)
-    probed = host_cost.ProbedOptimizer(optimizer, params, in_place=True)
+    probed = host_cost.ProbedOptimizer(optimizer, params, "kept")
     grads = [p.grad for p in params]
     probed.zero_grad()
     assert len(probed.floors) == 1
     assert all(p.grad is g and not g.any() for p, g in zip(params, grads, strict=True))  # zeroed in place
-    host_cost.ProbedOptimizer(optimizer, params, in_place=False).zero_grad()
+    # CUDA's case: new objects over the same memory, which backward then adds into in place
+    host_cost.ProbedOptimizer(optimizer, params, "new-objects").zero_grad()
+    pairs = zip(params, grads, strict=True)
+    assert all(p.grad is not g and p.grad.data_ptr() == g.data_ptr() for p, g in pairs)
+    addresses = [p.grad.data_ptr() for p in params]
+    sum((p * 2).sum() for p in params).backward()
+    assert [p.grad.data_ptr() for p in params] == addresses
+    assert all(torch.equal(p.grad, torch.full((3,), 2.0)) for p in params)
+    host_cost.ProbedOptimizer(optimizer, params, "freed").zero_grad()
     assert all(p.grad is None for p in params)
+    accepted = r"gradients must be one of \('freed', 'new-objects', 'kept'\), got 'none'"
+    with pytest.raises(ValueError, match=accepted):
+        host_cost.ProbedOptimizer(optimizer, params, "none")
 
 
 def test_the_fake_device_runs_the_device_path_of_a_check_without_its_kernels() -> None:
@@ -127,10 +138,10 @@ def test_on_cpu_the_host_cost_rows_come_through_the_fake_device(monkeypatch: pyt
 
     monkeypatch.setattr(host_cost, "TolariaGovernor", governor)
     rows = host_cost.run("cpu", quick=True)
-    assert {r.variant for r in rows} >= {"guarded-blocking", "guarded-deferred"}
-    assert seen == [("triton", True), ("triton", True)]  # both modes, each inside the fake device
+    assert {r.variant for r in rows} >= {"guarded-blocking", "guarded-deferred", host_cost.KEPT}
+    assert seen == [("triton", True)] * 3  # both modes and the kept gradients, each inside the fake device
     lines = host_cost.summary(rows)
-    assert len(lines) == 2 and all("µs of host time per step" in line for line in lines)
+    assert len(lines) == 3 and all("µs of host time per step" in line for line in lines)
     assert {r.variant for r in rows} >= {"floor"}
     assert all(r.device.endswith(", fake device (kernels excluded)") for r in rows)
 

@@ -333,7 +333,7 @@ def test_same_objects_are_trusted_and_other_objects_compared(device: str) -> Non
     for _ in range(3):
         assert check_tensors([("w", weight), ("b", bias)], backend="triton").healthy
     built = plan.find_plan([weight, bias])
-    assert built is not None and built._trusted_ids is not None and built._alive[0]
+    assert built is not None and built.trusted() == [0, 1]
     weight[60] = math.nan
     head = weight[:50]  # same address and dtype, another object: its size is compared
     assert plan.find_plan([head, bias]) is None
@@ -341,19 +341,50 @@ def test_same_objects_are_trusted_and_other_objects_compared(device: str) -> Non
     for _ in range(2):  # one plan per address tuple: the full-size set is rebuilt, then trusted
         assert check_tensors([("w", weight), ("b", bias)], backend="triton").nan == [1, 0]
     trusted = plan.find_plan([weight, bias])
-    assert trusted is not None and trusted._alive[0]
+    assert trusted is not None and trusted.trusted() == [0, 1]
     del weight, head  # the view kept its base alive
     gc.collect()
-    assert not trusted._alive[0], "the death of a trusted tensor must end the trust"
+    assert trusted.trusted() == [1], "the death of a trusted tensor must end its trust, and only its"
 
     layer = torch.nn.Linear(8, 4).to(device)
     pairs = list(layer.named_parameters())
     for _ in range(3):
         check_tensors(pairs, backend="triton")
     built = plan.find_plan([t for _, t in pairs])
-    assert built is not None and built._alive[0]
+    assert built is not None and built.trusted() == [0, 1]
     layer.bias.data = torch.zeros(4, device=device)  # same object, its old storage dies
-    assert not built._alive[0], "a storage swap under a trusted tensor must end the trust"
+    assert built.trusted() == [0], "a storage swap under a trusted tensor must end the trust"
+
+
+def test_new_objects_at_trusted_addresses_are_compared_while_the_others_stay_trusted(device: str) -> None:
+    from tolaria.health import plan
+
+    params = [randn(64 + i, torch.float32, device) for i in range(3)]
+    grads = [torch.zeros_like(p) for p in params]
+
+    def names(count: int) -> list[str]:
+        return [f"t{i}" for i in range(count)]
+
+    for _ in range(3):  # built, then the same objects twice: all trusted
+        assert check_tensors(list(zip(names(6), params + grads, strict=True)), backend="triton").healthy
+    built = plan.find_plan(params + grads)
+    assert built is not None and built.trusted() == list(range(6))
+    for step in range(3):  # each step new gradient objects over the same memory (CUDA's allocator)
+        grads = [g.detach() for g in grads]
+        gc.collect()
+        assert built.trusted() == [0, 1, 2]
+        assert plan.find_plan(params + grads) is built
+        grads[1][step] = math.inf
+        report = check_tensors(list(zip(names(6), params + grads, strict=True)), backend="triton")
+        assert report.posinf == [0, 0, 0, 0, step + 1, 0]
+    assert built.trusted() == [0, 1, 2], "an index whose trust ended is compared, not trusted again"
+    # a new object of another size at a compared index is refused by this plan
+    shorter = [grads[0], grads[1][:10], grads[2]]
+    assert plan.find_plan(params + shorter) is None
+    # and one at a trusted index while the trusted object lives is compared too
+    head = params[0][:10]
+    assert plan.find_plan([head, *params[1:], *grads]) is None
+    assert built.trusted() == [0, 1, 2]
 
 
 @pytest.mark.cuda

@@ -25,12 +25,28 @@ CASES = {
     "posinf-middle": rows([1.0, math.inf, 3.0, 0.5], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]),
     "neginf-last": rows([1.0, 1.0, 3.0, math.inf], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]),
     "empty": torch.zeros((4, 0), dtype=torch.float64),
+    "healthy-odd-values": rows([0.0, -0.0, 5e-324, 2.0, 1e-310, 7.0, 1e308], [0] * 7, [0] * 7, [0] * 7),
+    "healthy-not-contiguous": rows([4.0, 2.0, 9.0], [0] * 3, [0] * 3, [0] * 3).t().contiguous().t(),
+    "sick-not-contiguous": rows([4.0, 2.0, 9.0], [0] * 3, [0, 0, 1], [0] * 3).t().contiguous().t(),
 }
 
 
+@pytest.fixture(params=["compiled", "tensor-ops"])
+def rows_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ``report_from_rows`` reads a result: the extension's one pass, and tensor ops."""
+    from tolaria.health import report
+
+    if request.param == "tensor-ops":
+        monkeypatch.setattr(report, "_compiled_healthy_rows", None)
+    else:
+        assert report._compiled_healthy_rows is not None, "the extension is not loaded"
+    return str(request.param)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_rows_and_lists_make_the_same_report(case: str) -> None:
+def test_rows_and_lists_make_the_same_report(case: str, rows_path: str) -> None:
     result = CASES[case]
+    assert result.is_contiguous() == ("not-contiguous" not in case)
     names = [f"t{i}" for i in range(result.shape[1])]
     ours = report_from_rows(names, result, "triton")
     theirs = report_from_sums(names, result.tolist(), "triton")
@@ -47,6 +63,20 @@ def test_rows_and_lists_make_the_same_report(case: str) -> None:
     assert ours.squares is not None and theirs.squares is not None
     pairs = zip(ours.squares, theirs.squares, strict=True)
     assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in pairs)
+
+
+def test_the_compiled_pass_reads_the_rows_where_they_are_and_names_its_bad_arguments() -> None:
+    from tolaria import _C
+
+    result = rows([4.0, 9.0], [0, 0], [0, 0], [0, 0])
+    assert _C.healthy_rows(result.data_ptr(), 2) == ([4.0, 9.0], [2.0, 3.0])
+    result[3, 1] = 1.0  # one -Inf counted, in the last slot
+    assert _C.healthy_rows(result.data_ptr(), 2) is None
+    assert _C.healthy_rows(0, 0) == ([], [])
+    with pytest.raises(ValueError, match="null address"):
+        _C.healthy_rows(0, 2)
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        _C.healthy_rows(result.data_ptr(), -1)
 
 
 def test_the_gradient_norm_sums_the_squares_when_a_report_has_them() -> None:

@@ -176,32 +176,40 @@ def test_gradients_of_nothing_and_bad_arguments() -> None:
 
 
 @pytest.mark.parametrize("container", [list, tuple])
-def test_same_ids_matches_comparing_the_ids(container: type) -> None:
-    from tolaria.health.plan import _same_ids
+def test_untrusted_matches_its_twin_and_updates_the_seen_ids(container: type) -> None:
+    from tolaria.health.plan import NOT_TRUSTED, TRUST_ENDED, TRUSTED, untrusted_in_python
 
-    tensors = [torch.zeros(1) for _ in range(4)]
-    ids = tuple(map(id, tensors))
-    cases = {
-        "same": container(tensors),
-        "one-replaced": container([*tensors[:2], torch.zeros(1), tensors[3]]),
-        "reordered": container(tensors[::-1]),
-        "shorter": container(tensors[:3]),
-        "longer": container([*tensors, tensors[0]]),
-        "empty": container([]),
-    }
-    for name, objects in cases.items():
-        expected = tuple(map(id, objects)) == ids
-        assert _C.same_ids(objects, ids) is expected, name
-        assert _same_ids(objects, ids) is expected, name  # the twin takes the same path for both
-    assert _C.same_ids((), ())
-    assert _same_ids(iter(tensors), ids)  # not a list or tuple: compared in Python
+    tensors = [torch.zeros(1) for _ in range(6)]
+    others = [torch.zeros(1) for _ in range(6)]
+    # index: 0 trusted and there, 1 trusted but another object there, 2 trust ended,
+    # 3 never trusted and seen last time, 4 never trusted and new, 5 trusted and there
+    trusted_ids = [id(tensors[0]), id(tensors[1]), id(tensors[2]), 0, 0, id(tensors[5])]
+    state = bytearray([TRUSTED, TRUSTED, TRUST_ENDED, NOT_TRUSTED, NOT_TRUSTED, TRUSTED])
+    seen = [0, 0, 0, id(tensors[3]), id(others[4]), 0]
+    objects = container([tensors[0], others[1], tensors[2], tensors[3], tensors[4], tensors[5]])
+    results = []
+    for scan in (_C.untrusted, untrusted_in_python):
+        seen_ids = list(seen)
+        compare, repeated = scan(objects, list(trusted_ids), bytearray(state), seen_ids)
+        results.append((compare, repeated, seen_ids))
+    compiled, twin = results
+    assert compiled == twin
+    compare, repeated, seen_ids = compiled
+    assert compare == [1, 2, 3, 4] and repeated == [3]
+    assert seen_ids == [0, 0, 0, id(tensors[3]), id(tensors[4]), 0]  # only the new one is recorded
+    assert _C.untrusted(container([]), [], bytearray(), []) == ([], [])
 
 
-def test_same_ids_names_its_bad_arguments() -> None:
+def test_untrusted_names_its_bad_arguments() -> None:
+    from tolaria.health.plan import untrusted_in_python
+
     with pytest.raises(TypeError, match="list or a tuple"):
-        _C.same_ids(object(), ())
+        _C.untrusted(object(), [], bytearray(), [])
+    for scan in (_C.untrusted, untrusted_in_python):
+        with pytest.raises(ValueError, match="the same length"):
+            scan([object()], [0], bytearray(2), [0])
     with pytest.raises(TypeError):
-        _C.same_ids([object()], ("not an id",))
+        _C.untrusted([object()], ["not an id"], bytearray([1]), [0])
 
 
 class _BrokenSize(set):  # type: ignore[type-arg]

@@ -33,6 +33,11 @@ def sum_squares_host(
     automatic (threads past 8 MB). Raises ValueError on mismatched lengths, an unknown code or a
     null address."""
 
+def healthy_rows(address: int, count: int) -> tuple[list[float], list[float]] | None:
+    """``(squares, norms)`` of the ``[4, count]`` float64 check result at ``address`` in host
+    memory (sums of squares, then NaN, +Inf and -Inf counts) when every count is zero, else None.
+    Raises ValueError on a negative count or a null address."""
+
 # ---- object scans (csrc/object_scan.*): per-step questions about Python objects, one C loop ----
 
 def same_members(
@@ -47,9 +52,13 @@ def same_members(
     objects recorded (both in walk order: module by module, sized keys then valued keys). A
     missing holder, or one that is not a dict, reads as changed."""
 
-def same_ids(objects: list[Any] | tuple[Any, ...], ids: tuple[int, ...]) -> bool:
-    """``tuple(map(id, objects)) == ids``, comparing addresses without making an int per object.
-    TypeError when ``objects`` is not a list or a tuple."""
+def untrusted(
+    objects: list[Any] | tuple[Any, ...], trusted_ids: list[int], state: bytearray, seen_ids: list[int]
+) -> tuple[list[int], list[int]]:
+    """``(compare, repeated)``: the indices whose object is not the trusted one (``trusted_ids[i]``
+    while ``state[i] == 1``), and of those with ``state[i] == 0`` the ones whose object is the one
+    ``seen_ids[i]`` names; every other of those gets ``seen_ids[i] = id(objects[i])``. TypeError
+    when ``objects`` is not a list or a tuple, ValueError when the lengths differ."""
 
 def gradients(params: tuple[object, ...]) -> tuple[list[Any], list[int] | None]:
     """The ``.grad`` of every parameter that has one, in order, and those parameters' indices

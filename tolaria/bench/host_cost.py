@@ -27,11 +27,15 @@ host whose tensors live in device memory) and ``many-small-5000-tensors`` (2,500
 On CUDA the checks run as they ship. On CPU the same device path runs on
 :class:`tolaria.bench.fake_device.FakeDevice` (``health_backend="triton"``; the kernels are left
 out, events have always completed), so the rows show the host side of a GPU step without a GPU.
-There the optimizer's ``zero_grad`` zeroes the gradients in place: CUDA's caching allocator
-hands freed gradients back at the same addresses, which keeps each check on its cached plan,
-whereas on CPU they would land elsewhere and every check would build a new plan. (On CUDA the
-gradients are new tensor objects at those addresses, which costs each check a metadata
-comparison that this in-place variant skips.) Without Triton there are no CPU rows.
+Gradients: ``GuardedStep`` zeroes them with ``zero_grad(set_to_none=True)``, and on CUDA the
+caching allocator hands the freed gradients back at the same addresses, as new tensor objects,
+so every check finds its cached plan but must compare the new objects' metadata. On CPU they
+would land elsewhere and every check would build a new plan, so there the optimizer wrapper
+(:class:`ProbedOptimizer`, ``gradients="new-objects"``) zeroes them in place and hands each
+parameter a new tensor object over the same memory: the CUDA case. The
+``guarded-deferred-gradients-kept`` row zeroes them in place and keeps the objects
+(``zero_grad(set_to_none=False)``, on either device), the case where a check can trust the
+objects it has already compared. Without Triton there are no CPU rows.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from tolaria.bench.common import Measurement, device_label, percentile, release_
 from tolaria.bench.training import CPU_TRANSFORMER, SNAPSHOT_EVERY, Batch, TrainingSetup, transformer_setup
 
 MODES = ("guarded-blocking", "guarded-deferred")
+KEPT = "guarded-deferred-gradients-kept"  # deferred, zero_grad(set_to_none=False)
 
 
 def linear_stack_setup(name: str, layers: int, width: int, batch: int = 16) -> TrainingSetup:
@@ -105,38 +110,50 @@ def read_floor(params: tuple[torch.Tensor, ...]) -> float | None:
     return time.perf_counter() - start
 
 
+GRADIENTS = ("freed", "new-objects", "kept")
+
+
 class ProbedOptimizer:
     """Wraps an optimizer: ``zero_grad`` first times :func:`read_floor` over ``params`` (into
-    ``floors``), then zeroes the gradients, in place when ``in_place`` (they keep their
-    addresses, as on CUDA; see the module docstring). GuardedStep unwraps it like a trainer's."""
+    ``floors``), then clears the gradients as ``gradients`` says: ``"freed"`` (set to None, as
+    asked), ``"new-objects"`` (zeroed in place, then each a new tensor object over the same
+    memory: what CUDA's allocator makes of freed gradients) or ``"kept"`` (zeroed in place, the
+    same objects). See the module docstring. GuardedStep unwraps it like a trainer's."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, params: tuple[torch.Tensor, ...], in_place: bool
+        self, optimizer: torch.optim.Optimizer, params: tuple[torch.Tensor, ...], gradients: str
     ) -> None:
+        if gradients not in GRADIENTS:
+            raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
         self.optimizer = optimizer
         self.params = params
-        self.in_place = in_place
+        self.gradients = gradients
         self.floors: list[float] = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         floor = read_floor(self.params)
         if floor is not None:
             self.floors.append(floor)
-        self.optimizer.zero_grad(set_to_none=False if self.in_place else set_to_none)
+        self.optimizer.zero_grad(set_to_none=set_to_none and self.gradients == "freed")
+        if self.gradients == "new-objects":
+            for param in self.params:
+                if param.grad is not None:  # backward adds into it in place: the address holds
+                    param.grad = param.grad.detach()
 
     def step(self) -> None:
         self.optimizer.step()
 
 
-def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: int, steps: int
-                   ) -> tuple[list[StepOutcome], list[float]]:  # fmt: skip
+def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: int, steps: int,
+                   gradients_kept: bool = False) -> tuple[list[StepOutcome], list[float]]:  # fmt: skip
     """The outcomes of ``steps`` guarded steps after ``warmup``, and their floors."""
     torch.manual_seed(0)
     model = setup.model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     on_cuda = torch.device(device).type == "cuda"
     governor = TolariaGovernor(model, optimizer=optimizer, health_backend="auto" if on_cuda else "triton")
-    stepper = ProbedOptimizer(optimizer, tuple(model.parameters()), in_place=not on_cuda)
+    gradients = "kept" if gradients_kept else "freed" if on_cuda else "new-objects"
+    stepper = ProbedOptimizer(optimizer, tuple(model.parameters()), gradients)
     guard = GuardedStep(governor, stepper, snapshot_every=SNAPSHOT_EVERY, deferred=deferred)  # type: ignore[arg-type]
     inputs, targets = (t.to(device) for t in setup.batches(torch.Generator().manual_seed(0))[0])
 
@@ -152,20 +169,22 @@ def _guarded_steps(setup: TrainingSetup, device: str, deferred: bool, warmup: in
 
 
 def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measurement]:
-    """Both modes on one model: every step, then the snapshot steps alone (on CPU inside
+    """Both modes on one model, then deferred with the gradients kept: every step, and for the
+    two modes the snapshot steps alone (on CPU inside
     :func:`tolaria.bench.fake_device.fake_device_checks`)."""
     steps = 2 * SNAPSHOT_EVERY if quick else 5 * SNAPSHOT_EVERY
     scenario = f"guard-host/{setup.name}"
     rows, floors = [], []
     on_cuda = torch.device(device).type == "cuda"
-    for mode in MODES:
+    for variant in (*MODES, KEPT):
         with contextlib.nullcontext() if on_cuda else fake_device.fake_device_checks():
-            outcomes, floor = _guarded_steps(setup, device, mode == "guarded-deferred", SNAPSHOT_EVERY, steps)
+            outcomes, floor = _guarded_steps(setup, device, variant != "guarded-blocking", SNAPSHOT_EVERY,
+                                             steps, gradients_kept=variant == KEPT)  # fmt: skip
         floors += floor
-        rows.append(_row(scenario, mode, device, [o.governor_seconds for o in outcomes]))
+        rows.append(_row(scenario, variant, device, [o.governor_seconds for o in outcomes]))
         snapshots = [o.governor_seconds for o in outcomes if o.snapshot is not None]
-        if snapshots:
-            rows.append(_row(scenario, f"{mode}-snapshot-steps", device, snapshots))
+        if snapshots and variant in MODES:
+            rows.append(_row(scenario, f"{variant}-snapshot-steps", device, snapshots))
         release_cached_memory(device)
     if floors:
         rows.append(_row(scenario, "floor", device, floors))
@@ -185,7 +204,7 @@ def summary(rows: list[Measurement]) -> list[str]:
     floors = {row.scenario: row.median_s for row in rows if row.variant == "floor"}
     lines = []
     for row in rows:
-        if row.scenario.startswith("guard-host/") and row.variant in MODES:
+        if row.scenario.startswith("guard-host/") and row.variant in (*MODES, KEPT):
             line = (f"{row.scenario}: {row.variant} spends {row.median_s * 1e6:.1f} µs of host time per "
                     f"step in the Governor's calls (median; p90 {row.p90_s * 1e6:.1f} µs)")  # fmt: skip
             floor = floors.get(row.scenario)
@@ -197,6 +216,8 @@ def summary(rows: list[Measurement]) -> list[str]:
 
 
 __all__ = [
+    "GRADIENTS",
+    "KEPT",
     "MODES",
     "ProbedOptimizer",
     "linear_stack_setup",

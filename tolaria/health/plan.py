@@ -7,16 +7,18 @@ copies, enqueues the launches (or replays them) and copies the ``[4, T]`` result
 slot behind an event. Plans are cached least-recently-used, eight at most; not thread-safe
 (the Governor is not).
 
-Finding the plan of a call costs one ``data_ptr()`` per tensor (the cache key) and, when the
-set is trusted, one pointer comparison per tensor in C (``tolaria._C.same_ids``; ``id()`` in
-Python without the extension): trusted means the same live tensor objects as in the last two
-checks, on the same live storages. Weak references to each tensor and to each storage end the trust when one
-dies; two live storages never share an address, so a tensor whose ``.data`` moved away and back
-to the same address is on a new storage and is compared again. Any other set has every byte
+Finding the plan of a call costs one ``data_ptr()`` per tensor (the cache key) and one pointer
+comparison per tensor in C (``tolaria._C.untrusted``; ``id()`` in Python without the
+extension). Trust is per tensor: a tensor is trusted once it was the same live object at its
+index in two checks in a row, on the same live storage. Weak references to the tensor and to its
+storage end the trust when one dies, and an index whose trust ended is compared from then on
+(gradients freed every step come back as new objects; the parameters beside them stay trusted).
+Two live storages never share an address, so a tensor whose ``.data`` moved away and back to the
+same address is on a new storage and is compared again. Every untrusted tensor has its byte
 size, dtype and contiguity compared, plus shape and strides wherever contiguity alone does not
 prove that the kernel reads the right elements (staged tensors, and dense tensors read in place
-that are not contiguous, such as ``w.t()``). Not detected: an in-place metadata change of
-a trusted tensor on the same storage at the same address (``resize_``, ``as_strided_``,
+that are not contiguous, such as ``w.t()``). Not detected: an in-place metadata change of a
+trusted tensor on the same storage at the same address (``resize_``, ``as_strided_``,
 ``.data = p.data[:k]`` or ``.view(other_dtype)``); comparing metadata per call would double the
 host cost of a check.
 
@@ -69,14 +71,44 @@ _dtype = attrgetter("dtype")
 _is_contiguous = torch.Tensor.is_contiguous
 
 
-_compiled_same_ids = getattr(_ext.extension(), "same_ids", None)  # None: compared in Python
+# A plan's trust state per tensor (one byte each; the compiled scan reads the same values).
+NOT_TRUSTED, TRUSTED, TRUST_ENDED = 0, 1, 2
+_compiled_untrusted = getattr(_ext.extension(), "untrusted", None)  # None: compared in Python
 
 
-def _same_ids(tensors: Sequence[torch.Tensor], ids: tuple[int, ...]) -> bool:
-    """``tuple(map(id, tensors)) == ids``, in one C loop when the extension is loaded."""
-    if _compiled_same_ids is not None and isinstance(tensors, (list, tuple)):
-        return bool(_compiled_same_ids(tensors, ids))
-    return tuple(map(id, tensors)) == ids
+def untrusted_in_python(
+    tensors: Sequence[Any], trusted_ids: list[int], state: bytearray, seen_ids: list[int]
+) -> tuple[list[int], list[int]]:
+    """The twin of ``tolaria._C.untrusted``: ``(compare, repeated)``. ``compare`` holds every
+    index whose tensor is not the trusted object there; of those never trusted, ``repeated``
+    holds the ones whose tensor is the object seen there last time, and the others' ``seen_ids``
+    entries become their ids."""
+    if not len(tensors) == len(trusted_ids) == len(state) == len(seen_ids):
+        raise ValueError("objects, trusted_ids, state and seen_ids must have the same length")
+    compare: list[int] = []
+    repeated: list[int] = []
+    for index, tensor in enumerate(tensors):
+        at = state[index]
+        if at == TRUSTED and id(tensor) == trusted_ids[index]:
+            continue
+        compare.append(index)
+        if at != NOT_TRUSTED:
+            continue
+        if id(tensor) == seen_ids[index]:
+            repeated.append(index)
+        else:
+            seen_ids[index] = id(tensor)
+    return compare, repeated
+
+
+def _untrusted(
+    tensors: Sequence[torch.Tensor], trusted_ids: list[int], state: bytearray, seen_ids: list[int]
+) -> tuple[list[int], list[int]]:
+    """:func:`untrusted_in_python`, in one C loop when the extension is loaded."""
+    if _compiled_untrusted is not None and isinstance(tensors, (list, tuple)):
+        compare, repeated = _compiled_untrusted(tensors, trusted_ids, state, seen_ids)
+        return compare, repeated
+    return untrusted_in_python(tensors, trusted_ids, state, seen_ids)
 
 
 def graphs_enabled() -> bool:
@@ -204,7 +236,7 @@ class TritonPlan:
         # Whose shape and strides a new call must match: a staged copy has this plan's shape,
         # and a permuted dense tensor is read in place only while its layout is unchanged.
         self._layout_checked = sorted([index for index, _ in self.staged] + permuted)
-        self.checked_layout = self._layout(tensors)
+        self.checked_layout = self._layout(tensors, self._layout_checked)
         self._build_tables(members, block, chunk_blocks)
         # Zeroed, so a runtime that skips the kernels (the bench's fake device) reads a healthy set.
         self.out = torch.zeros((4, self.num_tensors), dtype=torch.float64, device=self.device)
@@ -225,10 +257,13 @@ class TritonPlan:
         self._stream_raw: int | None = None
         self._stream: Any = None
         self._last_event: Any = None
-        self._seen_ids: tuple[int, ...] = tuple(map(id, tensors))
-        self._trusted_ids: tuple[int, ...] | None = None
-        self._alive = [False]
-        self._refs: list[weakref.ref[Any]] = []
+        # Trust, per tensor: see accepts().
+        self._seen_ids: list[int] = list(map(id, tensors))
+        self._trusted_ids: list[int] = [0] * self.num_tensors
+        self._trust_state = bytearray(self.num_tensors)
+        self._trust_refs: dict[int, tuple[weakref.ref[Any], ...]] = {}
+        # The metadata a call compares when only some tensors are untrusted, for the last such set.
+        self._partial: tuple[list[int], tuple[tuple[Any, ...], ...], list[int], tuple] | None = None
 
     def _build_tables(
         self, members: dict[torch.dtype, list[tuple[int, torch.Tensor]]], block: int | None, chunk_blocks: int
@@ -285,37 +320,70 @@ class TritonPlan:
             tuple(map(_is_contiguous, tensors)),
         )
 
-    def _layout(self, tensors: Sequence[torch.Tensor]) -> tuple:
-        return tuple((tensors[i].shape, tensors[i].stride()) for i in self._layout_checked)
+    @staticmethod
+    def _layout(tensors: Sequence[torch.Tensor], indices: Sequence[int]) -> tuple:
+        return tuple((tensors[i].shape, tensors[i].stride()) for i in indices)
 
     def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, layouts."""
-        trusted = self._trusted_ids
-        if trusted is not None and self._alive[0] and _same_ids(tensors, trusted):
+        """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, layouts.
+
+        Trust is per tensor: a tensor that is the same object at the same index in two calls in a
+        row, with the metadata compared both times, is trusted until it or its storage dies (weak
+        references), then never again in this plan. Only the others are compared: a training
+        loop that frees its gradients hands them back as new objects every step (on CUDA at the
+        same addresses), and its parameters are still trusted."""
+        compare, repeated = _untrusted(tensors, self._trusted_ids, self._trust_state, self._seen_ids)
+        if not compare:
             return True
-        ids = tuple(map(id, tensors))
-        if self._metadata(tensors) != self.metadata:
+        if len(compare) == self.num_tensors:
+            subset: Sequence[torch.Tensor] = tensors
+            expected, layout_checked = self.metadata, self._layout_checked
+            checked_layout = self.checked_layout
+        else:
+            expected, layout_checked, checked_layout = self._expected_for(compare)
+            subset = list(map(tensors.__getitem__, compare))
+        if self._metadata(subset) != expected:
             return False
-        if self._layout_checked and self._layout(tensors) != self.checked_layout:
+        if layout_checked and self._layout(tensors, layout_checked) != checked_layout:
             return False
-        if ids == self._seen_ids:
-            self._trust(tensors, ids)
-        self._seen_ids = ids
+        if repeated:
+            self._trust(tensors, repeated)
         return True
 
-    def _trust(self, tensors: Sequence[torch.Tensor], ids: tuple[int, ...]) -> None:
-        """Skip the metadata comparison while these objects and their storages are alive."""
-        alive = [True]
+    def _expected_for(self, compare: list[int]) -> tuple[tuple[tuple[Any, ...], ...], list[int], tuple]:
+        """This plan's metadata at the indices ``compare``, and its layouts where one is checked
+        (kept for the next call, which usually compares the same indices)."""
+        partial = self._partial
+        if partial is None or partial[0] != compare:
+            expected = tuple(tuple(map(column.__getitem__, compare)) for column in self.metadata)
+            wanted = set(compare)
+            layout_of = dict(zip(self._layout_checked, self.checked_layout, strict=True))
+            layout_checked = [i for i in self._layout_checked if i in wanted]
+            partial = (compare, expected, layout_checked, tuple(layout_of[i] for i in layout_checked))
+            self._partial = partial
+        return partial[1], partial[2], partial[3]
 
-        def forget(_: object, alive: list[bool] = alive) -> None:
-            alive[0] = False
+    def _trust(self, tensors: Sequence[torch.Tensor], indices: list[int]) -> None:
+        """Skip comparing the tensors at ``indices`` while they and their storages are alive."""
+        state = self._trust_state
+        for index in indices:
+            tensor = tensors[index]
 
-        try:  # torch keeps a storage's Python object as long as the storage itself
-            refs: list[weakref.ref[Any]] = [weakref.ref(tensor, forget) for tensor in tensors]
-            refs += [weakref.ref(tensor.untyped_storage(), forget) for tensor in tensors]
-        except Exception:  # no weak references or no storage: keep comparing metadata
-            return
-        self._refs, self._trusted_ids, self._alive = refs, ids, alive
+            def forget(_: object, index: int = index, state: bytearray = state) -> None:
+                state[index] = TRUST_ENDED
+
+            try:  # torch keeps a storage's Python object as long as the storage itself
+                refs = (weakref.ref(tensor, forget), weakref.ref(tensor.untyped_storage(), forget))
+            except Exception:  # no weak references or no storage: keep comparing it
+                state[index] = TRUST_ENDED
+                continue
+            self._trust_refs[index] = refs
+            self._trusted_ids[index] = id(tensor)
+            state[index] = TRUSTED
+
+    def trusted(self) -> list[int]:
+        """The indices of the tensors trusted now (tests and diagnostics)."""
+        return [index for index, at in enumerate(self._trust_state) if at == TRUSTED]
 
     # -- one check ------------------------------------------------------------------------------
     def check(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> PendingHealth:

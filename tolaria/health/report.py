@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from tolaria import _ext
+
 
 @dataclass(frozen=True)
 class HealthReport:
@@ -119,21 +121,41 @@ def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], back
     )
 
 
+_compiled_healthy_rows = getattr(_ext.extension(), "healthy_rows", None)  # None: tensor ops
+_float64 = torch.float64
+
+
+def _healthy_rows(rows: torch.Tensor, count: int) -> tuple[list[float], list[float]] | None:
+    """``(squares, norms)`` of a ``[4, count]`` result whose counts are all zero, else None."""
+    if (
+        _compiled_healthy_rows is not None
+        and rows.dtype is _float64
+        and not rows.is_cuda
+        and rows.is_contiguous()
+        and rows.shape == (4, count)
+    ):
+        return _compiled_healthy_rows(rows.data_ptr(), count)  # one pass over host memory
+    if rows[1:].count_nonzero():
+        return None
+    return rows[0].tolist(), rows[0].sqrt().tolist()
+
+
 def report_from_rows(names: Sequence[str], rows: torch.Tensor, backend: str) -> HealthReport:
     """:func:`report_from_sums` of a ``[4, T]`` float64 host tensor. A healthy result, the
-    common case, converts only the sums of squares to Python floats: the counts are tested with
-    one tensor op and the norms are taken on the tensor (the same correctly rounded square roots)."""
-    if rows[1:].count_nonzero():
-        return report_from_sums(names, rows.tolist(), backend)
-    squares = rows[0].tolist()
+    common case, converts only the sums of squares and their square roots to Python floats, in
+    one C pass with the extension (correctly rounded square roots, as ``math.sqrt``)."""
     count = len(names)
+    healthy = _healthy_rows(rows, count)
+    if healthy is None:
+        return report_from_sums(names, rows.tolist(), backend)
+    squares, norms = healthy
     return HealthReport(
         names=list(names),
         nonfinite=[0] * count,
         nan=[0] * count,
         posinf=[0] * count,
         neginf=[0] * count,
-        norms=rows[0].sqrt().tolist(),
+        norms=norms,
         global_norm=root_of_sum(squares),
         first_bad=None,
         backend=backend,
