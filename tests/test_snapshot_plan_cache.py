@@ -327,6 +327,45 @@ def test_a_state_tensor_replaced_is_captured(backend: str) -> None:
     assert torch.equal(optimizer.state[first]["exp_avg"], torch.full_like(first, 0.25))
 
 
+def _replace_state_dict(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    optimizer.state[param] = {key: value.clone() if isinstance(value, torch.Tensor) else value
+                              for key, value in optimizer.state[param].items()}  # fmt: skip
+    optimizer.state[param]["exp_avg"].fill_(0.5)
+
+
+def _delete_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    del optimizer.state[param]
+
+
+def _reorder_states(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    pairs = list(optimizer.state.items())
+    optimizer.state.clear()
+    optimizer.state.update(reversed(pairs))  # the same mapping, iterated the other way
+
+
+def _swap_states(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    other = next(p for p in optimizer.state if p is not param and p.shape == param.shape)
+    state = optimizer.state
+    state[param], state[other] = state[other], state[param]  # same keys, values crossed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "change",
+    [_replace_state_dict, _delete_state, _reorder_states, _swap_states],
+    ids=["state-dict-replaced", "state-deleted", "states-reordered", "states-swapped"],
+)
+def test_a_changed_state_mapping_is_captured(backend: str, change: Callable[..., None]) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_step(model, optimizer)
+    gov = governor(model, backend, optimizer)
+    gov.snapshot()  # the plan is derived and kept
+    change(optimizer, model[0].weight)
+    assert_matches_full_walk(gov)
+    assert_round_trip(gov)
+
+
 def test_sgd_momentum_buffer_created_later_is_captured() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
