@@ -106,11 +106,19 @@ def check_tensors(
     return handle.result() if blocking else handle
 
 
-def check_listed(names: Sequence[str], tensors: Sequence[torch.Tensor], *, backend: str) -> HealthHandle:
+def check_listed(
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+    *,
+    backend: str,
+    gradients_of: Sequence[int] | None = None,
+) -> HealthHandle:
     """The handle of :func:`check_tensors` for ``tensors[i]`` named ``names[i]`` (two parallel
     sequences, as the Governor keeps them: no pair is built or taken apart); ``result()`` is the
     blocking call's report. ``backend`` and the tensors are validated as there (ValueError for
-    a backend that is not one of :data:`BACKENDS`)."""
+    a backend that is not one of :data:`BACKENDS`). ``gradients_of`` (see
+    :class:`tolaria.health.pairs.Listing`) lets a cached Triton plan take a new gradient's dtype
+    and size from its trusted parameter instead of reading them."""
     _check_backend(backend)
     if not tensors:
         return ReadyHealth(build_report([], [], [], [], [], backend="reference"))
@@ -123,7 +131,7 @@ def check_listed(names: Sequence[str], tensors: Sequence[torch.Tensor], *, backe
         and first.is_cuda
         and triton_health() is not None
     ):
-        handle = _check_triton(names, tensors)
+        handle = _check_triton(names, tensors, gradients_of)
     elif backend == "native" or (
         backend == "auto"
         and isinstance(first, torch.Tensor)
@@ -148,12 +156,14 @@ def _describe(pairs: object) -> str:
     return f"an item of type {type(bad).__name__}" if bad is not None else type(pairs).__name__
 
 
-def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> HealthHandle:
+def _check_triton(
+    names: Sequence[str], tensors: Sequence[torch.Tensor], gradients_of: Sequence[int] | None
+) -> HealthHandle:
     plan_module = triton_health()
     if plan_module is None:
         raise RuntimeError(f"backend='triton' needs an importable Triton: {triton_health_error()}")
     try:
-        plan = plan_module.find_plan(tensors)
+        plan = plan_module.find_plan(tensors, gradients_of)
     except (TypeError, AttributeError, RuntimeError):  # no data pointer (sparse), or not a tensor
         plan = None
     if plan is not None:
