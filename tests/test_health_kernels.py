@@ -413,15 +413,18 @@ def test_a_new_gradient_of_a_trusted_parameter_has_only_its_contiguity_compared(
     transposed = grads[0].t()
     assert transposed.data_ptr() == grads[0].data_ptr() and not transposed.is_contiguous()
     assert plan.find_plan([*params, transposed, grads[1]], range(2)) is None
-    # a planned gradient whose dtype is not its owner's is compared in full, owner or not
-    mixed = [params[0], randn(16, torch.float64, device)]
+    # the same memory and size in another dtype (a parameter whose grad_dtype is None takes it):
+    # the dtype is still compared
+    assert plan.find_plan([*params, grads[0], grads[1].view(torch.int32)], range(2)) is None
+    # a planned gradient whose element count is not its owner's is compared in full
+    pair = [params[0], randn(8, torch.float64, device)]  # 16 elements and 8, the same 64 bytes
     for _ in range(3):
-        check_listed(["p", "g"], mixed, backend="triton", gradients_of=[0])
-    other = plan.find_plan(mixed)
+        check_listed(["p", "g"], pair, backend="triton", gradients_of=[0])
+    other = plan.find_plan(pair)
     assert other is not None and other.trusted() == [0, 1]
-    mixed = [mixed[0], mixed[1].detach()]
+    pair = [pair[0], pair[1].detach()]
     gc.collect()
-    assert plan.find_plan(mixed, [0]) is other and other._partial.full == [1] and other._partial.shaped == []
+    assert plan.find_plan(pair, [0]) is other and other._partial.full == [1] and other._partial.shaped == []
 
 
 def test_the_governor_hands_its_checks_the_owners_of_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

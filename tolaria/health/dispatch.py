@@ -117,8 +117,8 @@ def check_listed(
     sequences, as the Governor keeps them: no pair is built or taken apart); ``result()`` is the
     blocking call's report. ``backend`` and the tensors are validated as there (ValueError for
     a backend that is not one of :data:`BACKENDS`). ``gradients_of`` (see
-    :class:`tolaria.health.pairs.Listing`) lets a cached Triton plan take a new gradient's dtype
-    and size from its trusted parameter instead of reading them."""
+    :class:`tolaria.health.pairs.Listing`) lets a cached Triton plan take a new gradient's size
+    from its trusted parameter instead of reading it."""
     _check_backend(backend)
     if not tensors:
         return ReadyHealth(build_report([], [], [], [], [], backend="reference"))

@@ -35,8 +35,8 @@ class Listing(NamedTuple):
     them parameters, the rest gradients. The sequences may be shared with the cache: read only.
 
     ``gradients_of``, when known: the last ``len(gradients_of)`` tensors are the ``.grad`` of
-    ``tensors[gradients_of[k]]``, read from it just now, so each has its parameter's dtype and
-    shape (torch checks both when a gradient is set). None when the gradients' owners are not
+    ``tensors[gradients_of[k]]``, read from it just now, so each has its parameter's shape (torch
+    checks it whenever a gradient is set or accumulated). None when the gradients' owners are not
     listed or norms stand in for them."""
 
     names: Sequence[str]

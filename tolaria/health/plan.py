@@ -18,8 +18,8 @@ same address is on a new storage and is compared again. Every untrusted tensor h
 size, dtype and contiguity compared, plus shape and strides wherever contiguity alone does not
 prove that the kernel reads the right elements (staged tensors, and dense tensors read in place
 that are not contiguous, such as ``w.t()``); a new gradient of a trusted parameter (the Governor
-says whose gradient each is) has its contiguity compared only, since torch gives a gradient its
-parameter's dtype and shape. Not detected: an in-place metadata change on the same storage at the
+says whose gradient each is) has its dtype and contiguity compared only, since torch gives a
+gradient its parameter's shape. Not detected: an in-place metadata change on the same storage at the
 same address (``resize_``, ``as_strided_``, ``.data = p.data[:k]`` or ``.view(other_dtype)``) of
 a trusted tensor, or of a gradient after torch produced it; comparing metadata per call would
 double the host cost of a check.
@@ -199,34 +199,38 @@ class _Group:
 
 class _Comparison:
     """What a plan compares of a call's untrusted tensors ``compare``: ``full`` ones their byte
-    size, dtype and contiguity (and layout where the plan checks one), ``shaped`` ones, new
-    gradients of trusted parameters (see :meth:`TritonPlan.accepts`), their contiguity only."""
+    size, dtype and contiguity (and layout where the plan checks one); ``shaped`` ones, new
+    gradients of trusted parameters (see :meth:`TritonPlan.accepts`), their dtype and contiguity
+    (their element count is their parameter's)."""
 
-    __slots__ = ("compare", "gradients_of", "full", "expected", "shaped", "contiguity", "layout_checked",
-                 "checked_layout")  # fmt: skip
+    __slots__ = ("compare", "gradients_of", "full", "expected", "shaped", "expected_shaped",
+                 "layout_checked", "checked_layout")  # fmt: skip
 
     def __init__(self, plan: TritonPlan, compare: list[int], gradients_of: Sequence[int] | None) -> None:
         self.compare, self.gradients_of = compare, gradients_of
         nbytes, dtypes, contiguous = plan.metadata
         layout_of = dict(zip(plan._layout_checked, plan.checked_layout, strict=True))
         first = plan.num_tensors - len(gradients_of) if gradients_of is not None else plan.num_tensors
+
+        def numel(index: int) -> int:
+            return nbytes[index] // dtypes[index].itemsize
+
         compared = set(compare)
         full: list[int] = []
         shaped: list[int] = []
         for index in compare:
             if index >= first and index not in layout_of:
                 owner = gradients_of[index - first]  # type: ignore[index]
-                if (
-                    0 <= owner < first
-                    and owner not in compared
-                    and (nbytes[owner], dtypes[owner]) == (nbytes[index], dtypes[index])
-                ):
+                if 0 <= owner < first and owner not in compared and numel(owner) == numel(index):
                     shaped.append(index)
                     continue
             full.append(index)
         self.full, self.shaped = full, shaped
         self.expected = tuple(tuple(map(column.__getitem__, full)) for column in plan.metadata)
-        self.contiguity = tuple(map(contiguous.__getitem__, shaped))
+        self.expected_shaped = (
+            tuple(map(dtypes.__getitem__, shaped)),
+            tuple(map(contiguous.__getitem__, shaped)),
+        )
         self.layout_checked = [index for index in full if index in layout_of]
         self.checked_layout = tuple(layout_of[index] for index in self.layout_checked)
 
@@ -235,8 +239,10 @@ class _Comparison:
         pick = tensors.__getitem__
         if self.full and TritonPlan._metadata(list(map(pick, self.full))) != self.expected:
             return False
-        if self.shaped and tuple(map(_is_contiguous, map(pick, self.shaped))) != self.contiguity:
-            return False
+        if self.shaped:
+            grads = list(map(pick, self.shaped))
+            if (tuple(map(_dtype, grads)), tuple(map(_is_contiguous, grads))) != self.expected_shaped:
+                return False
         return (
             not self.layout_checked or TritonPlan._layout(tensors, self.layout_checked) == self.checked_layout
         )
@@ -385,8 +391,9 @@ class TritonPlan:
 
         ``gradients_of``: the last ``len(gradients_of)`` tensors are the ``.grad`` of
         ``tensors[gradients_of[k]]`` (:class:`tolaria.health.pairs.Listing`). torch gives a
-        parameter's gradient its dtype and shape, so a new gradient of a trusted parameter whose
-        planned dtype and byte size are the parameter's has only its contiguity compared."""
+        parameter's gradient its shape (its dtype too, unless the parameter's ``grad_dtype`` says
+        otherwise), so a new gradient of a trusted parameter whose planned element count is the
+        parameter's has only its dtype and contiguity compared, not its byte size."""
         compare, repeated = _untrusted(tensors, self._trusted_ids, self._trust_state, self._seen_ids)
         if not compare:
             return True
