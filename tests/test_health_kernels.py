@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -386,78 +385,20 @@ def test_new_objects_at_trusted_addresses_are_compared_while_the_others_stay_tru
     head = params[0][:10]
     assert plan.find_plan([head, *params[1:], *grads]) is None
     assert built.trusted() == [0, 1, 2]
-
-
-def test_a_new_gradient_of_a_trusted_parameter_has_only_its_contiguity_compared(device: str) -> None:
-    from tolaria.health import plan
-    from tolaria.health.dispatch import check_listed
-
-    params = [randn(16, torch.float32, device).reshape(4, 4), randn(8, torch.float32, device)]
-    grads = [torch.zeros_like(p) for p in params]
-    names = ["w", "b", "w.grad", "b.grad"]
-    for _ in range(3):  # built, then the same objects twice: all trusted
-        assert check_listed(names, params + grads, backend="triton", gradients_of=range(2)).result().healthy
-    built = plan.find_plan(params + grads)
-    assert built is not None and built.trusted() == [0, 1, 2, 3]
-    grads = [g.detach() for g in grads]  # new gradient objects over the same memory
-    gc.collect()
-    assert plan.find_plan(params + grads, range(2)) is built
-    comparison = built._partial
-    assert comparison is not None and comparison.shaped == [2, 3] and comparison.full == []
-    # without the owners, the same call compares the gradients in full
-    assert plan.find_plan(params + grads, None) is built and built._partial.full == [2, 3]
-    grads[1][5] = math.nan
-    report = check_listed(names, params + grads, backend="triton", gradients_of=range(2)).result()
-    assert report.nan == [0, 0, 0, 1] and report.first_bad == "b.grad"
-    # the same memory, the same size and dtype, but transposed: contiguity is still compared
-    transposed = grads[0].t()
-    assert transposed.data_ptr() == grads[0].data_ptr() and not transposed.is_contiguous()
-    assert plan.find_plan([*params, transposed, grads[1]], range(2)) is None
-    # the same memory and size in another dtype (a parameter whose grad_dtype is None takes it):
-    # the dtype is still compared
-    assert plan.find_plan([*params, grads[0], grads[1].view(torch.int32)], range(2)) is None
-    # a planned gradient whose element count is not its owner's is compared in full
-    pair = [params[0], randn(8, torch.float64, device)]  # 16 elements and 8, the same 64 bytes
+    # at a compared index, the same memory and size in another layout or dtype is refused
+    square = [randn(16, torch.float32, device).reshape(4, 4)]
+    square_grads = [torch.zeros_like(square[0])]
     for _ in range(3):
-        check_listed(["p", "g"], pair, backend="triton", gradients_of=[0])
-    other = plan.find_plan(pair)
+        check_tensors([("w", square[0]), ("w.grad", square_grads[0])], backend="triton")
+    other = plan.find_plan(square + square_grads)
     assert other is not None and other.trusted() == [0, 1]
-    pair = [pair[0], pair[1].detach()]
+    square_grads = [square_grads[0].detach()]
     gc.collect()
-    assert plan.find_plan(pair, [0]) is other and other._partial.full == [1] and other._partial.shaped == []
-
-
-def test_the_governor_hands_its_checks_the_owners_of_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tolaria import TolariaGovernor
-    from tolaria.health import dispatch
-    from tolaria.health.pairs import CheckedTensors
-
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
-    listing = CheckedTensors().listing(model, parameters=True, gradients=True)
-    assert listing.gradients_of is not None and len(listing.gradients_of) == 0  # no gradients yet
-    model(torch.randn(4, 3)).sum().backward()
-    listing = CheckedTensors().listing(model, parameters=True, gradients=True)
-    params = list(model.parameters())
-    assert list(listing.gradients_of or []) == [0, 1, 2, 3]
-    assert all(listing.tensors[4 + k] is params[k].grad for k in range(4))
-    model[1].bias.grad = None
-    listing = CheckedTensors().listing(model, parameters=True, gradients=True)
-    assert list(listing.gradients_of or []) == [0, 1, 2]
-    for k, owner in enumerate(listing.gradients_of or []):
-        assert listing.tensors[4 + k] is params[owner].grad
-    assert CheckedTensors().listing(model, parameters=False, gradients=True).gradients_of is None
-    handed: list[object] = []
-    original = dispatch.check_listed
-
-    def recording(names: Any, tensors: Any, **kwargs: Any) -> Any:
-        handed.append(kwargs.get("gradients_of"))
-        return original(names, tensors, **kwargs)
-
-    monkeypatch.setattr(dispatch, "check_listed", recording)
-    gov = TolariaGovernor(model)
-    assert not gov.check_health()  # blocking: no panic
-    assert not gov.observe(1.0)  # deferred
-    assert [list(owners) for owners in handed if owners] == [[0, 1, 2]] * 2  # the two checks with gradients
+    assert other.trusted() == [0] and plan.find_plan(square + square_grads) is other
+    transposed = square_grads[0].t()  # a gradient torch accepts: the parameter's shape, not contiguous
+    assert transposed.data_ptr() == square_grads[0].data_ptr() and not transposed.is_contiguous()
+    assert plan.find_plan([square[0], transposed]) is None
+    assert plan.find_plan([square[0], square_grads[0].view(torch.int32)]) is None
 
 
 @pytest.mark.cuda

@@ -28,6 +28,10 @@ CASES = {
     "healthy-odd-values": rows([0.0, -0.0, 5e-324, 2.0, 1e-310, 7.0, 1e308], [0] * 7, [0] * 7, [0] * 7),
     "healthy-not-contiguous": rows([4.0, 2.0, 9.0], [0] * 3, [0] * 3, [0] * 3).t().contiguous().t(),
     "sick-not-contiguous": rows([4.0, 2.0, 9.0], [0] * 3, [0, 0, 1], [0] * 3).t().contiguous().t(),
+    # read in memory order as if contiguous, this one's counts would all be zero: a healthy misread
+    "sick-not-contiguous-misread-healthy": (
+        rows([4.0, 0.0, 0.0], [0] * 3, [1, 0, 0], [0] * 3).t().contiguous().t()
+    ),
 }
 
 

@@ -343,6 +343,11 @@ def _reorder_states(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> No
     optimizer.state.update(reversed(pairs))  # the same mapping, iterated the other way
 
 
+def _fill_empty_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    # the state dict the plan saw empty (a read of the defaultdict created it) is filled in place
+    optimizer.state[param]["momentum_buffer"] = torch.full_like(param, 0.5)
+
+
 def _swap_states(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
     other = next(p for p in optimizer.state if p is not param and p.shape == param.shape)
     state = optimizer.state
@@ -352,13 +357,17 @@ def _swap_states(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "change",
-    [_replace_state_dict, _delete_state, _reorder_states, _swap_states],
-    ids=["state-dict-replaced", "state-deleted", "states-reordered", "states-swapped"],
+    [_replace_state_dict, _delete_state, _reorder_states, _swap_states, _fill_empty_state],
+    ids=["state-dict-replaced", "state-deleted", "states-reordered", "states-swapped", "empty-state-filled"],
 )
 def test_a_changed_state_mapping_is_captured(backend: str, change: Callable[..., None]) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_step(model, optimizer)
+    if change is _fill_empty_state:  # an SGD without momentum keeps an empty state dict per parameter
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        for param in model.parameters():
+            assert optimizer.state[param] == {}  # the defaultdict creates it
     gov = governor(model, backend, optimizer)
     gov.snapshot()  # the plan is derived and kept
     change(optimizer, model[0].weight)

@@ -114,8 +114,7 @@ class LossStager:
 def start_health(listing: Listing, backend: str) -> HealthHandle:
     """Enqueue the health check of ``listing`` without waiting for it (looked up at call time,
     so tests can substitute a late handle)."""
-    names, tensors, gradients_of = listing.names, listing.tensors, listing.gradients_of
-    return dispatch.check_listed(names, tensors, backend=backend, gradients_of=gradients_of)
+    return dispatch.check_listed(listing.names, listing.tensors, backend=backend)
 
 
 @dataclass

@@ -277,9 +277,7 @@ class TolariaGovernor(GovernorAttributes, GovernorExtras):
         listing = self._health_listing()
         if not listing.tensors:
             return None
-        report = dispatch.check_listed(
-            listing.names, listing.tensors, backend=self.health_backend, gradients_of=listing.gradients_of
-        ).result()
+        report = dispatch.check_listed(listing.names, listing.tensors, backend=self.health_backend).result()
         n_params = listing.n_params
         grad_norm = gradient_norm(report, n_params)  # NaN without gradients
         if len(listing.tensors) > n_params:

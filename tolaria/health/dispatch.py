@@ -106,19 +106,11 @@ def check_tensors(
     return handle.result() if blocking else handle
 
 
-def check_listed(
-    names: Sequence[str],
-    tensors: Sequence[torch.Tensor],
-    *,
-    backend: str,
-    gradients_of: Sequence[int] | None = None,
-) -> HealthHandle:
+def check_listed(names: Sequence[str], tensors: Sequence[torch.Tensor], *, backend: str) -> HealthHandle:
     """The handle of :func:`check_tensors` for ``tensors[i]`` named ``names[i]`` (two parallel
     sequences, as the Governor keeps them: no pair is built or taken apart); ``result()`` is the
     blocking call's report. ``backend`` and the tensors are validated as there (ValueError for
-    a backend that is not one of :data:`BACKENDS`). ``gradients_of`` (see
-    :class:`tolaria.health.pairs.Listing`) lets a cached Triton plan take a new gradient's size
-    from its trusted parameter instead of reading it."""
+    a backend that is not one of :data:`BACKENDS`)."""
     _check_backend(backend)
     if not tensors:
         return ReadyHealth(build_report([], [], [], [], [], backend="reference"))
@@ -131,7 +123,7 @@ def check_listed(
         and first.is_cuda
         and triton_health() is not None
     ):
-        handle = _check_triton(names, tensors, gradients_of)
+        handle = _check_triton(names, tensors)
     elif backend == "native" or (
         backend == "auto"
         and isinstance(first, torch.Tensor)
@@ -156,14 +148,12 @@ def _describe(pairs: object) -> str:
     return f"an item of type {type(bad).__name__}" if bad is not None else type(pairs).__name__
 
 
-def _check_triton(
-    names: Sequence[str], tensors: Sequence[torch.Tensor], gradients_of: Sequence[int] | None
-) -> HealthHandle:
+def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> HealthHandle:
     plan_module = triton_health()
     if plan_module is None:
         raise RuntimeError(f"backend='triton' needs an importable Triton: {triton_health_error()}")
     try:
-        plan = plan_module.find_plan(tensors, gradients_of)
+        plan = plan_module.find_plan(tensors)
     except (TypeError, AttributeError, RuntimeError):  # no data pointer (sparse), or not a tensor
         plan = None
     if plan is not None:

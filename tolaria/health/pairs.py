@@ -32,17 +32,11 @@ Pairs = list[tuple[str, torch.Tensor]]
 
 class Listing(NamedTuple):
     """What one health check reads: ``tensors[i]`` named ``names[i]``, the first ``n_params`` of
-    them parameters, the rest gradients. The sequences may be shared with the cache: read only.
-
-    ``gradients_of``, when known: the last ``len(gradients_of)`` tensors are the ``.grad`` of
-    ``tensors[gradients_of[k]]``, read from it just now, so each has its parameter's shape (torch
-    checks it whenever a gradient is set or accumulated). None when the gradients' owners are not
-    listed or norms stand in for them."""
+    them parameters, the rest gradients. The sequences may be shared with the cache: read only."""
 
     names: Sequence[str]
     tensors: Sequence[torch.Tensor]
     n_params: int
-    gradients_of: Sequence[int] | None = None
 
     def pairs(self) -> Pairs:
         return list(zip(self.names, self.tensors, strict=True))
@@ -158,11 +152,9 @@ class CheckedTensors:
             return Listing([*param_names, *(n for n, _ in kept)], [*params, *(g for _, g in kept)], n_params)
         found, present = _gradients(self._params)
         if present is None:  # every parameter has a gradient: the names are the cached ones
-            names = self._all_names if parameters else self._grad_names
-            return Listing(names, [*params, *found], n_params, range(n_params) if parameters else None)
+            return Listing(self._all_names if parameters else self._grad_names, [*params, *found], n_params)
         grad_names = [self._grad_names[index] for index in present]
-        owners = present if parameters else None
-        return Listing([*param_names, *grad_names], [*params, *found], n_params, owners)
+        return Listing([*param_names, *grad_names], [*params, *found], n_params)
 
     def names(self, model: nn.Module, *, parameters: bool, gradients: bool) -> list[str]:
         """Every name :meth:`listing` may report, gradients or not (the same list on every rank)."""

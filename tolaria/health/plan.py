@@ -17,12 +17,10 @@ Two live storages never share an address, so a tensor whose ``.data`` moved away
 same address is on a new storage and is compared again. Every untrusted tensor has its byte
 size, dtype and contiguity compared, plus shape and strides wherever contiguity alone does not
 prove that the kernel reads the right elements (staged tensors, and dense tensors read in place
-that are not contiguous, such as ``w.t()``); a new gradient of a trusted parameter (the Governor
-says whose gradient each is) has its dtype and contiguity compared only, since torch gives a
-gradient its parameter's shape. Not detected: an in-place metadata change on the same storage at the
-same address (``resize_``, ``as_strided_``, ``.data = p.data[:k]`` or ``.view(other_dtype)``) of
-a trusted tensor, or of a gradient after torch produced it; comparing metadata per call would
-double the host cost of a check.
+that are not contiguous, such as ``w.t()``). Not detected: an in-place metadata change of a
+trusted tensor on the same storage at the same address (``resize_``, ``as_strided_``,
+``.data = p.data[:k]`` or ``.view(other_dtype)``); comparing metadata per call would double the
+host cost of a check.
 
 How tensors reach the kernel:
 
@@ -118,13 +116,10 @@ def graphs_enabled() -> bool:
     return os.environ.get("TOLARIA_HEALTH_CUDA_GRAPH", "1") != "0"
 
 
-def find_plan(
-    tensors: Sequence[torch.Tensor], gradients_of: Sequence[int] | None = None
-) -> TritonPlan | None:
-    """The cached plan that reads exactly ``tensors``, or None; TypeError for a non-tensor.
-    ``gradients_of``: see :meth:`TritonPlan.accepts`."""
+def find_plan(tensors: Sequence[torch.Tensor]) -> TritonPlan | None:
+    """The cached plan that reads exactly ``tensors``, or None; TypeError for a non-tensor."""
     plan = _plans.get(tuple(map(_data_ptr, tensors)))
-    if plan is None or not plan.accepts(tensors, gradients_of):
+    if plan is None or not plan.accepts(tensors):
         return None
     _plans.move_to_end(plan.addresses)
     return plan
@@ -197,57 +192,6 @@ class _Group:
     chunk_table: torch.Tensor  # int64 [2, num_chunks] on the device: addresses, lengths
 
 
-class _Comparison:
-    """What a plan compares of a call's untrusted tensors ``compare``: ``full`` ones their byte
-    size, dtype and contiguity (and layout where the plan checks one); ``shaped`` ones, new
-    gradients of trusted parameters (see :meth:`TritonPlan.accepts`), their dtype and contiguity
-    (their element count is their parameter's)."""
-
-    __slots__ = ("compare", "gradients_of", "full", "expected", "shaped", "expected_shaped",
-                 "layout_checked", "checked_layout")  # fmt: skip
-
-    def __init__(self, plan: TritonPlan, compare: list[int], gradients_of: Sequence[int] | None) -> None:
-        self.compare, self.gradients_of = compare, gradients_of
-        nbytes, dtypes, contiguous = plan.metadata
-        layout_of = dict(zip(plan._layout_checked, plan.checked_layout, strict=True))
-        first = plan.num_tensors - len(gradients_of) if gradients_of is not None else plan.num_tensors
-
-        def numel(index: int) -> int:
-            return nbytes[index] // dtypes[index].itemsize
-
-        compared = set(compare)
-        full: list[int] = []
-        shaped: list[int] = []
-        for index in compare:
-            if index >= first and index not in layout_of:
-                owner = gradients_of[index - first]  # type: ignore[index]
-                if 0 <= owner < first and owner not in compared and numel(owner) == numel(index):
-                    shaped.append(index)
-                    continue
-            full.append(index)
-        self.full, self.shaped = full, shaped
-        self.expected = tuple(tuple(map(column.__getitem__, full)) for column in plan.metadata)
-        self.expected_shaped = (
-            tuple(map(dtypes.__getitem__, shaped)),
-            tuple(map(contiguous.__getitem__, shaped)),
-        )
-        self.layout_checked = [index for index in full if index in layout_of]
-        self.checked_layout = tuple(layout_of[index] for index in self.layout_checked)
-
-    def holds(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether ``tensors`` match the plan at these indices."""
-        pick = tensors.__getitem__
-        if self.full and TritonPlan._metadata(list(map(pick, self.full))) != self.expected:
-            return False
-        if self.shaped:
-            grads = list(map(pick, self.shaped))
-            if (tuple(map(_dtype, grads)), tuple(map(_is_contiguous, grads))) != self.expected_shaped:
-                return False
-        return (
-            not self.layout_checked or TritonPlan._layout(tensors, self.layout_checked) == self.checked_layout
-        )
-
-
 class TritonPlan:
     """Device tables and buffers for one tensor set; see the module docstring."""
 
@@ -318,8 +262,8 @@ class TritonPlan:
         self._trusted_ids: list[int] = [0] * self.num_tensors
         self._trust_state = bytearray(self.num_tensors)
         self._trust_refs: dict[int, tuple[weakref.ref[Any], ...]] = {}
-        # What a call compares when only some tensors are untrusted, for the last such set.
-        self._partial: _Comparison | None = None
+        # The metadata a call compares when only some tensors are untrusted, for the last such set.
+        self._partial: tuple[list[int], tuple[tuple[Any, ...], ...], list[int], tuple] | None = None
 
     def _build_tables(
         self, members: dict[torch.dtype, list[tuple[int, torch.Tensor]]], block: int | None, chunk_blocks: int
@@ -380,41 +324,45 @@ class TritonPlan:
     def _layout(tensors: Sequence[torch.Tensor], indices: Sequence[int]) -> tuple:
         return tuple((tensors[i].shape, tensors[i].stride()) for i in indices)
 
-    def accepts(self, tensors: Sequence[torch.Tensor], gradients_of: Sequence[int] | None = None) -> bool:
+    def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether ``tensors`` (already at this plan's addresses) have its sizes, dtypes, layouts.
 
-        Trust is per tensor: a tensor that is the same object at the same index in two calls in a
-        row, with the metadata compared both times, is trusted until it or its storage dies (weak
-        references), then never again in this plan. Only the others are compared: a training
-        loop that frees its gradients hands them back as new objects every step (on CUDA at the
-        same addresses), and its parameters are still trusted.
-
-        ``gradients_of``: the last ``len(gradients_of)`` tensors are the ``.grad`` of
-        ``tensors[gradients_of[k]]`` (:class:`tolaria.health.pairs.Listing`). torch gives a
-        parameter's gradient its shape (its dtype too, unless the parameter's ``grad_dtype`` says
-        otherwise), so a new gradient of a trusted parameter whose planned element count is the
-        parameter's has only its dtype and contiguity compared, not its byte size."""
+        Trust is per tensor: a tensor that is the same object at its index as in the previous call
+        (or the plan's build) and whose metadata matches now is trusted until it or its storage
+        dies (weak references, taken on the object just compared), then never again in this
+        plan. Only the others are compared: a training loop that frees its gradients hands them
+        back as new objects every step (on CUDA at the same addresses), and its parameters are
+        still trusted."""
         compare, repeated = _untrusted(tensors, self._trusted_ids, self._trust_state, self._seen_ids)
         if not compare:
             return True
         if len(compare) == self.num_tensors:
-            if self._metadata(tensors) != self.metadata:
-                return False
-            if self._layout_checked and self._layout(tensors, self._layout_checked) != self.checked_layout:
-                return False
-        elif not self._comparison_for(compare, gradients_of).holds(tensors):
+            subset: Sequence[torch.Tensor] = tensors
+            expected, layout_checked = self.metadata, self._layout_checked
+            checked_layout = self.checked_layout
+        else:
+            expected, layout_checked, checked_layout = self._expected_for(compare)
+            subset = list(map(tensors.__getitem__, compare))
+        if self._metadata(subset) != expected:
+            return False
+        if layout_checked and self._layout(tensors, layout_checked) != checked_layout:
             return False
         if repeated:
             self._trust(tensors, repeated)
         return True
 
-    def _comparison_for(self, compare: list[int], gradients_of: Sequence[int] | None) -> _Comparison:
-        """What a call comparing the indices ``compare`` reads (kept for the next call, which
-        usually compares the same indices)."""
-        kept = self._partial
-        if kept is None or kept.compare != compare or kept.gradients_of != gradients_of:
-            kept = self._partial = _Comparison(self, compare, gradients_of)
-        return kept
+    def _expected_for(self, compare: list[int]) -> tuple[tuple[tuple[Any, ...], ...], list[int], tuple]:
+        """This plan's metadata at the indices ``compare``, and its layouts where one is checked
+        (kept for the next call, which usually compares the same indices)."""
+        partial = self._partial
+        if partial is None or partial[0] != compare:
+            expected = tuple(tuple(map(column.__getitem__, compare)) for column in self.metadata)
+            wanted = set(compare)
+            layout_of = dict(zip(self._layout_checked, self.checked_layout, strict=True))
+            layout_checked = [i for i in self._layout_checked if i in wanted]
+            partial = (compare, expected, layout_checked, tuple(layout_of[i] for i in layout_checked))
+            self._partial = partial
+        return partial[1], partial[2], partial[3]
 
     def _trust(self, tensors: Sequence[torch.Tensor], indices: list[int]) -> None:
         """Skip comparing the tensors at ``indices`` while they and their storages are alive."""

@@ -130,7 +130,7 @@ def _healthy_rows(rows: torch.Tensor, count: int) -> tuple[list[float], list[flo
     if (
         _compiled_healthy_rows is not None
         and rows.dtype is _float64
-        and not rows.is_cuda
+        and rows.device.type == "cpu"  # host memory only (not CUDA, meta, MPS, ...)
         and rows.is_contiguous()
         and rows.shape == (4, count)
     ):

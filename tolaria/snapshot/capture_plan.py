@@ -91,7 +91,9 @@ class OptimizerPlan:
         self._params = tuple(chain.from_iterable(self._lists))
         state = optimizer.state
         self._state_keys, self._state_values = tuple(state), tuple(state.values())
-        self._present = tuple(filter(None, map(state.get, self._params)))
+        # Every state dict the parameters have, empty ones too: a dict created empty (any read of
+        # the defaultdict) and filled in place later (Adam's first step) must show up as new keys.
+        self._present = tuple(d for d in map(state.get, self._params) if d is not None)
         self._keys = list(chain.from_iterable(self._present))
         self._values = tuple(chain.from_iterable(map(dict.values, self._present)))
 
