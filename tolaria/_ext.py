@@ -48,6 +48,13 @@ def extension() -> ModuleType | None:
     return _extension
 
 
+def compiled(name: str) -> Any:
+    """The extension's function ``name``, or None: no extension, or one built before ``name``
+    existed (a stale build). Callers look it up once at import and fall back to their Python
+    twins on None."""
+    return getattr(_extension, name, None)
+
+
 def unavailable_reason() -> str | None:
     """Why the extension is unavailable, or None when it loaded."""
     return _unavailable_reason

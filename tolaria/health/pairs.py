@@ -53,7 +53,7 @@ def gradients_in_python(params: tuple[torch.Tensor, ...]) -> tuple[list[torch.Te
     return [grads[index] for index in present], present
 
 
-_compiled_gradients = getattr(_ext.extension(), "gradients", None)  # None: the twin serves
+_compiled_gradients = _ext.compiled("gradients")  # None: the twin serves
 
 
 def gradients(params: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[int] | None]:

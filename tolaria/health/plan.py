@@ -73,7 +73,7 @@ _is_contiguous = torch.Tensor.is_contiguous
 
 # A plan's trust state per tensor (one byte each; the compiled scan reads the same values).
 NOT_TRUSTED, TRUSTED, TRUST_ENDED = 0, 1, 2
-_compiled_untrusted = getattr(_ext.extension(), "untrusted", None)  # None: compared in Python
+_compiled_untrusted = _ext.compiled("untrusted")  # None: compared in Python
 
 
 def untrusted_in_python(

@@ -97,16 +97,12 @@ def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], back
     tensor.
     """
     squares, nan, posinf, neginf = sums
-    count = len(names)
-    if any(nan) or any(posinf) or any(neginf):
-        nan_counts = [int(c) for c in nan]
-        posinf_counts = [int(c) for c in posinf]
-        neginf_counts = [int(c) for c in neginf]
-        nonfinite = [a + b + c for a, b, c in zip(nan_counts, posinf_counts, neginf_counts, strict=True)]
-        first_bad = next((name for name, bad in zip(names, nonfinite, strict=True) if bad), None)
-    else:
-        nan_counts, posinf_counts, neginf_counts = [0] * count, [0] * count, [0] * count
-        nonfinite, first_bad = [0] * count, None
+    if not (any(nan) or any(posinf) or any(neginf)):
+        return _healthy_report(names, list(squares), list(map(math.sqrt, squares)), backend)
+    nan_counts = [int(c) for c in nan]
+    posinf_counts = [int(c) for c in posinf]
+    neginf_counts = [int(c) for c in neginf]
+    nonfinite = [a + b + c for a, b, c in zip(nan_counts, posinf_counts, neginf_counts, strict=True)]
     return HealthReport(
         names=list(names),
         nonfinite=nonfinite,
@@ -115,13 +111,32 @@ def report_from_sums(names: Sequence[str], sums: Sequence[Sequence[float]], back
         neginf=neginf_counts,
         norms=list(map(math.sqrt, squares)),
         global_norm=root_of_sum(squares),
-        first_bad=first_bad,
+        first_bad=next((name for name, bad in zip(names, nonfinite, strict=True) if bad), None),
         backend=backend,
         squares=list(squares),
     )
 
 
-_compiled_healthy_rows = getattr(_ext.extension(), "healthy_rows", None)  # None: tensor ops
+def _healthy_report(
+    names: Sequence[str], squares: list[float], norms: list[float], backend: str
+) -> HealthReport:
+    """The report of a result with no non-finite element: every count zero, nothing bad."""
+    count = len(names)
+    return HealthReport(
+        names=list(names),
+        nonfinite=[0] * count,
+        nan=[0] * count,
+        posinf=[0] * count,
+        neginf=[0] * count,
+        norms=norms,
+        global_norm=root_of_sum(squares),
+        first_bad=None,
+        backend=backend,
+        squares=squares,
+    )
+
+
+_compiled_healthy_rows = _ext.compiled("healthy_rows")  # None: tensor ops
 _float64 = torch.float64
 
 
@@ -144,23 +159,11 @@ def report_from_rows(names: Sequence[str], rows: torch.Tensor, backend: str) -> 
     """:func:`report_from_sums` of a ``[4, T]`` float64 host tensor. A healthy result, the
     common case, converts only the sums of squares and their square roots to Python floats, in
     one C pass with the extension (correctly rounded square roots, as ``math.sqrt``)."""
-    count = len(names)
-    healthy = _healthy_rows(rows, count)
+    healthy = _healthy_rows(rows, len(names))
     if healthy is None:
         return report_from_sums(names, rows.tolist(), backend)
     squares, norms = healthy
-    return HealthReport(
-        names=list(names),
-        nonfinite=[0] * count,
-        nan=[0] * count,
-        posinf=[0] * count,
-        neginf=[0] * count,
-        norms=norms,
-        global_norm=root_of_sum(squares),
-        first_bad=None,
-        backend=backend,
-        squares=squares,
-    )
+    return _healthy_report(names, squares, norms, backend)
 
 
 class HealthHandle:

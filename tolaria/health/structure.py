@@ -47,7 +47,7 @@ torch_module.register_module_buffer_registration_hook(_bump)
 
 
 # The compiled comparison, or None (no extension, or one built before it existed: the twin).
-_same_members = getattr(_ext.extension(), "same_members", None)
+_same_members = _ext.compiled("same_members")
 
 
 def generation() -> int:
