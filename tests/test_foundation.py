@@ -101,6 +101,7 @@ def test_doctor_runs_and_names_each_backend() -> None:
         "tolaria",
         "torch",
         "extension built",
+        "address reads in C",
         "triton installed",
         "snapshot backend (cpu)",
         "health backend (cpu)",

@@ -6,7 +6,7 @@ import importlib.metadata
 
 import torch
 
-from tolaria import _ext
+from tolaria import _ext, addresses
 from tolaria._version import __version__
 from tolaria.backends import health_backend_for, snapshot_backend_for, triton_installed, triton_interpreting
 
@@ -48,6 +48,10 @@ def collect_rows() -> list[tuple[str, str, str]]:
         # The detail says what was found, or what is missing: never a "no" next to "visible".
         runtime_detail = "driver and a device visible" if usable else "no CUDA driver or no device visible"
         rows.append(("CUDA runtime usable", _yes_no(usable), runtime_detail))
+        bound = addresses.reader_bound()
+        why_not = addresses.reader_unbound_reason() or ""
+        reader_detail = "torch's data-pointer reader, called from C" if bound else why_not
+        rows.append(("address reads in C", _yes_no(bound), reader_detail))
     if triton_installed():
         triton_version = importlib.metadata.version("triton")
         rows.append(("triton installed", "yes", triton_version))

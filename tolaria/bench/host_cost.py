@@ -12,10 +12,11 @@ This scenario runs guarded steps of two models and reports, over the steps:
   steps that took a snapshot only.
 
 - ``floor``: over the same steps, the least any per-step check of these tensors can cost in
-  Python: reading each parameter's address, its ``.grad`` and the gradient's address once
-  (timed inside the optimizer's ``zero_grad``, before tolaria's calls of the step, so the
-  caches are as a step leaves them). The Governor must ask at least that much every step to
-  know that the tensors its cached plans read are still where they were.
+  Python: reading each parameter's ``.grad`` and every parameter's and gradient's address once,
+  the addresses as tolaria reads them (:func:`tolaria.addresses.addresses`: one C loop where
+  torch's reader is bound), timed inside the optimizer's ``zero_grad``, before tolaria's calls
+  of the step, so the caches are as a step leaves them. The Governor must ask at least that
+  much every step to know that the tensors its cached plans read are still where they were.
 
 Models: ``transformer-292-tensors`` (the CPU training scenario's 24-layer transformer, 292
 parameter tensors, so 584 tensors checked per step with their gradients; 5.3 MB of weights),
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tolaria import GuardedStep, StepOutcome, TolariaGovernor
+from tolaria.addresses import addresses
 from tolaria.bench import fake_device
 from tolaria.bench.common import Measurement, device_label, percentile, release_cached_memory, synchronize
 from tolaria.bench.training import CPU_TRANSFORMER, SNAPSHOT_EVERY, Batch, TrainingSetup, transformer_setup
@@ -93,7 +95,6 @@ def _row(scenario: str, variant: str, device: str, samples: list[float]) -> Meas
                        percentile(samples, 0.1), percentile(samples, 0.9), len(samples))  # fmt: skip
 
 
-_data_ptr = torch.Tensor.data_ptr
 _grad = attrgetter("grad")
 
 
@@ -101,10 +102,10 @@ def read_floor(params: tuple[torch.Tensor, ...]) -> float | None:
     """Seconds to read each parameter's address, its ``.grad`` and that gradient's address once
     (None while a parameter has no gradient): the ``floor`` row (see the module docstring)."""
     start = time.perf_counter()
-    tuple(map(_data_ptr, params))
+    addresses(params)
     grads = tuple(map(_grad, params))
     try:
-        tuple(map(_data_ptr, grads))
+        addresses(grads)
     except TypeError:  # a None among them: no gradients yet
         return None
     return time.perf_counter() - start

@@ -25,6 +25,7 @@ from operator import attrgetter, is_not
 import torch
 
 from tolaria import _ext
+from tolaria.addresses import addresses
 from tolaria.health.kinds import readable_all
 from tolaria.health.reference import count_nonfinite, reference_check, validate_tensors
 from tolaria.health.report import HealthReport, build_report
@@ -33,7 +34,7 @@ from tolaria.health.report import HealthReport, build_report
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 _dtype = attrgetter("dtype")
-_data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_numel, _is_contiguous = torch.Tensor.numel, torch.Tensor.is_contiguous
 _code = DTYPE_CODES.get
 
 
@@ -73,7 +74,7 @@ def native_check(names: Sequence[str], tensors: Sequence[torch.Tensor], *, threa
     read = list(compress(tensors, inline))
     with torch.no_grad():
         sums = extension.sum_squares_host(
-            list(map(_data_ptr, read)), list(map(_numel, read)), list(compress(codes, inline)), threads
+            addresses(read), list(map(_numel, read)), list(compress(codes, inline)), threads
         )
     count = len(tensors)
     nan, posinf, neginf = [0] * count, [0] * count, [0] * count

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from tolaria import _ext
+from tolaria.addresses import addresses
 from tolaria.health import triton_kernels as kernels
 from tolaria.health.device import DeviceRuntime
 from tolaria.health.reference import integer_norm
@@ -65,7 +66,6 @@ _CACHE_SIZE = 8  # parameters, gradients, snapshot staging, with room for a few 
 _plans: OrderedDict[tuple[int, ...], TritonPlan] = OrderedDict()
 _log = logging.getLogger(__name__)
 
-_data_ptr = torch.Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
 _dtype = attrgetter("dtype")
 _is_contiguous = torch.Tensor.is_contiguous
@@ -118,7 +118,7 @@ def graphs_enabled() -> bool:
 
 def find_plan(tensors: Sequence[torch.Tensor]) -> TritonPlan | None:
     """The cached plan that reads exactly ``tensors``, or None; TypeError for a non-tensor."""
-    plan = _plans.get(tuple(map(_data_ptr, tensors)))
+    plan = _plans.get(addresses(tensors))
     if plan is None or not plan.accepts(tensors):
         return None
     _plans.move_to_end(plan.addresses)
@@ -210,7 +210,7 @@ class TritonPlan:
             raise ValueError(f"block must be a power of two >= 16, got {block}")
         self.device = tensors[0].device
         self.num_tensors = len(tensors)
-        self.addresses = tuple(map(_data_ptr, tensors))
+        self.addresses = addresses(tensors)
         self.metadata = self._metadata(tensors)
         self.integers: list[int] = []
         self.staged: list[tuple[int, torch.Tensor]] = []  # (input index, staging buffer)

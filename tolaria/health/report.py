@@ -152,7 +152,10 @@ def _healthy_rows(rows: torch.Tensor, count: int) -> tuple[list[float], list[flo
         return _compiled_healthy_rows(rows.data_ptr(), count)  # one pass over host memory
     if rows[1:].count_nonzero():
         return None
-    return rows[0].tolist(), rows[0].sqrt().tolist()
+    squares = rows[0].tolist()
+    # math.sqrt, not Tensor.sqrt: torch's vectorised fp64 sqrt is not correctly rounded on every
+    # CPU (AVX-512 builds give sqrt(2.0) one ulp low), and a report's norms must not depend on it.
+    return squares, list(map(math.sqrt, squares))
 
 
 def report_from_rows(names: Sequence[str], rows: torch.Tensor, backend: str) -> HealthReport:

@@ -6,6 +6,7 @@ See :mod:`tolaria.snapshot.native.store` for the ordering argument; this module 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -134,7 +135,7 @@ class CudaEngine:
             "" if health_backend == "reference" else ", Triton unavailable",
         )
 
-    def restore(self, lkg: HostBuffer, addresses: list[int], slots: list[int]) -> None:
+    def restore(self, lkg: HostBuffer, addresses: Sequence[int], slots: list[int]) -> None:
         """Device sync, batched host→device copies on the side stream, side-stream sync."""
         assert lkg.copier is not None
         device = lkg.plan.device

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tolaria.addresses import addresses
 from tolaria.health.native import DTYPE_CODES
 from tolaria.snapshot.ties import storage_groups
 
@@ -47,7 +48,6 @@ _size = torch._C.TensorBase.size
 _device = attrgetter("device")
 _is_contiguous = torch.Tensor.is_contiguous
 _is_neg = torch.Tensor.is_neg
-_data_ptr = torch.Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
 
 
@@ -112,8 +112,8 @@ def _picker(indices: list[int]) -> _Picker | None:
     return itemgetter(*indices) if indices else None
 
 
-def _addresses(pick: _Picker | None, tensors: Sequence[torch.Tensor]) -> list[int]:
-    return [] if pick is None else list(map(_data_ptr, pick(tensors)))
+def _addresses(pick: _Picker | None, tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    return () if pick is None else addresses(pick(tensors))
 
 
 class ArenaPlan:
@@ -143,8 +143,8 @@ class ArenaPlan:
         # direct addresses were just read, and those addresses (read once per capture).
         self._seen: tuple[torch.Tensor, ...] | None = None
         self._seen_bytes: Signature | None = None
-        self._seen_addresses: list[int] | None = None
-        self._read_for: tuple[tuple[torch.Tensor, ...], list[int]] | None = None
+        self._seen_addresses: tuple[int, ...] | None = None
+        self._read_for: tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None = None
         self.key_index = {key: index for index, key in enumerate(self.keys)}
         self.device = _primary_device(items)
         on_cuda = self.device.type == "cuda"
@@ -220,7 +220,7 @@ class ArenaPlan:
         ]
         self._scratch: DeviceScratch | None = None
 
-    def direct_addresses(self, tensors: Sequence[torch.Tensor]) -> list[int]:
+    def direct_addresses(self, tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
         """The data addresses of the ``direct`` slots' tensors, in slot order (those that
         :meth:`recognises` or :meth:`remember` just read for this very tuple)."""
         read = self._read_for
@@ -228,7 +228,9 @@ class ArenaPlan:
             return read[1]
         return _addresses(self._pick_direct, tensors)
 
-    def restore_routes(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> list[int] | None:
+    def restore_routes(
+        self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
+    ) -> tuple[int, ...] | None:
         """The addresses of the ``restore_direct`` slots' tensors when ``tensors`` may be restored
         by the plan's routes without a per-key walk, else None (the caller takes the full path).
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -362,7 +362,7 @@ class NativeSnapshotStore(BufferedStore):
     def _write_back(
         self,
         lkg: HostBuffer,
-        addresses: list[int],
+        addresses: Sequence[int],
         slots: list[int],
         fallback: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
