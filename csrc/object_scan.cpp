@@ -149,7 +149,6 @@ py::tuple untrusted(py::handle objects, py::list trusted_ids, py::bytearray stat
   return py::make_tuple(compare, repeated);
 }
 
-
 // -- data addresses ---------------------------------------------------------------------------
 // torch exports a C function that reads a tensor's data pointer from its Python object (its
 // compiled-code caches call it; tolaria/addresses.py finds its address and binds it here after a
@@ -200,21 +199,18 @@ py::tuple addresses(py::handle objects) {
   py::tuple result(count);
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* object = item[i];
-    PyObject* value = nullptr;
+    bool read = false;
+    void* address = nullptr;
     if (address_reader != nullptr && reads_directly(object)) {
       try {
-        value = PyLong_FromVoidPtr(address_reader(object));
-        if (value == nullptr) throw py::error_already_set();
-      } catch (const py::error_already_set&) {
-        throw;
-      } catch (...) {  // refused by torch: data_ptr() raises the matching Python error
-        value = nullptr;
+        address = address_reader(object);
+        read = true;
+      } catch (...) {  // refused by torch: the fallback raises the matching Python error
       }
     }
-    if (value == nullptr) {
-      value = PyObject_CallOneArg(address_fallback->ptr(), object);
-      if (value == nullptr) throw py::error_already_set();
-    }
+    PyObject* value =
+        read ? PyLong_FromVoidPtr(address) : PyObject_CallOneArg(address_fallback->ptr(), object);
+    if (value == nullptr) throw py::error_already_set();
     PyTuple_SET_ITEM(result.ptr(), i, value);  // steals the new int
   }
   return result;

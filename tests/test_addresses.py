@@ -55,16 +55,14 @@ def samples(device: str) -> list[torch.Tensor]:
 @pytest.fixture(params=[True, False], ids=["reader-bound", "reader-unbound"])
 def binding(request: pytest.FixtureRequest) -> Iterator[bool]:
     """Each test runs with torch's reader bound (when this torch exports it) and without."""
-    reader = reads.torch_reader()
-    if request.param and (reader is None or not reads.reader_bound()):
+    if request.param and not reads.reader_bound():
         pytest.fail(f"this torch's reader is not bound: {reads.reader_unbound_reason()}")
     if not request.param:
         _C.bind_address_reader(0, (), torch.Tensor.data_ptr)
     try:
         yield request.param
     finally:
-        if reads.reader_bound():  # as the import left it
-            _C.bind_address_reader(reader, (torch.Tensor, nn.Parameter), torch.Tensor.data_ptr)
+        assert reads._bind_reader() == reads.reader_unbound_reason()  # as the import left it
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -60,7 +60,7 @@ def _self_test() -> bool:
     """Whether the bound reader gives ``data_ptr()``'s answers on the tensors the scans pass."""
     base = torch.arange(8, dtype=torch.float32)
     samples = [base, base[3:], torch.nn.Parameter(torch.ones(2, 3)), torch.empty(0), base.view(2, 4).t()]
-    return _compiled_addresses is not None and _compiled_addresses(samples) == addresses_in_python(samples)
+    return bool(_compiled_addresses(samples) == addresses_in_python(samples))
 
 
 def _bind_reader() -> str | None:
