@@ -5,6 +5,8 @@
 # on an H100 (not yet verified with the end-to-end and host-cost rows).
 #   OUT=/tmp/out bash bench/gpu_check.sh          # full
 #   QUICK=1 OUT=/tmp/out bash bench/gpu_check.sh  # bench --quick, for a short lease
+#   BUDGET=420 QUICK=1 OUT=/tmp/out bash bench/gpu_check.sh  # no step started past 420 s in all
+#                                                  (see bench/gpu_steps.sh); the summary always prints
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to a folder for the results}"
@@ -12,16 +14,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOLARIA_REQUIRE_NATIVE=1
 unset TRITON_INTERPRET
 python=python3
-status=()
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)"
-  local began=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  status+=("$name: rc=$rc in $((SECONDS - began))s")
-  return "$rc"
-}
+source bench/gpu_steps.sh  # step NAME LIMIT COMMAND..., the status array, BUDGET
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 step build 240 $python -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${status[@]}"; exit 1; }
