@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tolaria.bench import fake_device, goals, health, host_cost, runner, snapshot, training, workloads
+from tolaria.bench.common import Measurement
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +31,14 @@ def test_the_goals_name_scenarios_the_bench_runs_with_the_tensor_counts_they_sta
     assert cpu == {"training-step/transformer-292-tensors": 292, "training-step/mlp-4-tensors": 4}
     cuda_host = {f"guard-host/{s.name}": _parameter_count(s) for s in host_cost.setups()}
     assert cuda_host == {
+        "guard-host/linear-2-tensors": 2,
         "guard-host/transformer-292-tensors": 292,
         "guard-host/linear-stack-292-tensors": 292,
         "guard-host/many-small-5000-tensors": 5000,
     }
     assert len(workloads.many_small_model("cpu").state_dict()) == 5000
+    split = {f"guard-host/{name}": count for name, count in (host_cost.FIXED, host_cost.STACK)}
+    assert split.items() <= cuda_host.items()  # the counts the summary's slope divides by
     known = {*cpu, *cuda_host, "snapshot/many-small", "snapshot/gpt2-small"}
     assert {goal.scenario for goal in goals.GOALS} <= known
 
@@ -79,6 +83,20 @@ def test_host_cost_rows_time_both_modes_and_the_snapshot_steps() -> None:
     lines = host_cost.summary(rows)
     floor_said = "× the floor of reading each tensor's .grad and address once"
     assert len(lines) == 3 and all(floor_said in line for line in lines)
+
+
+def test_the_summary_tells_the_fixed_cost_from_the_cost_per_tensor() -> None:
+    def row(name: str, variant: str, seconds: float) -> Measurement:
+        return Measurement(f"guard-host/{name}", variant, "cpu", seconds, seconds, seconds, 10)
+
+    fixed, stack = host_cost.FIXED[0], host_cost.STACK[0]
+    rows = [row(fixed, "guarded-deferred", 100e-6), row(stack, "guarded-deferred", 390e-6),
+            row(fixed, "guarded-blocking", 80e-6)]  # fmt: skip
+    split = [line for line in host_cost.summary(rows) if line.startswith("guard-host: ")]
+    assert split == [
+        f"guard-host: guarded-deferred costs 100.0 µs per step whatever the model ({fixed}), and 1.00 µs "
+        f"more per further tensor (the slope to {stack})"
+    ]  # (390 - 100) µs over 290 more tensors; blocking has no stack row, so no line
 
 
 def test_the_floor_reads_every_address_once_and_waits_for_gradients() -> None:

@@ -4,7 +4,7 @@ On a GPU the checks run on the device; what the Python thread pays is the time i
 inside the Governor's calls, launching, bookkeeping and (blocking mode) waiting for the
 verdict. :class:`tolaria.GuardedStep` measures exactly that per step, in host seconds with no
 device sync (``StepOutcome.governor_seconds``: the checks, the snapshot when due, a rollback).
-This scenario runs guarded steps of two models and reports, over the steps:
+This scenario runs guarded steps of each model below and reports, over the steps:
 
 - ``guarded-deferred`` / ``guarded-blocking``: the median (p10, p90) of ``governor_seconds``
   over every step, one in K of them taking a snapshot;
@@ -18,11 +18,13 @@ This scenario runs guarded steps of two models and reports, over the steps:
   of the step, so the caches are as a step leaves them. The Governor must ask at least that
   much every step to know that the tensors its cached plans read are still where they were.
 
-Models: ``transformer-292-tensors`` (the CPU training scenario's 24-layer transformer, 292
-parameter tensors, so 584 tensors checked per step with their gradients; 5.3 MB of weights),
-``linear-stack-292-tensors`` (146 ``Linear(16, 16)`` layers: the same tensor count in 0.16 MB,
-so on the CPU the model's data do not push tolaria's bookkeeping out of the caches, as on a GPU
-host whose tensors live in device memory) and ``many-small-5000-tensors`` (2,500
+Models: ``linear-2-tensors`` (one ``Linear(16, 16)``: what a step costs whatever the model;
+the summary sets it beside the 292-tensor stack of the same layers to tell the fixed cost from
+the cost per tensor), ``transformer-292-tensors`` (the CPU training scenario's 24-layer
+transformer, 292 parameter tensors, so 584 tensors checked per step with their gradients; 5.3 MB
+of weights), ``linear-stack-292-tensors`` (146 ``Linear(16, 16)`` layers: the same tensor count
+in 0.16 MB, so on the CPU the model's data do not push tolaria's bookkeeping out of the caches,
+as on a GPU host whose tensors live in device memory) and ``many-small-5000-tensors`` (2,500
 ``Linear(8, 8)`` layers: 5,000 parameter tensors).
 
 On CUDA the checks run as they ship. On CPU the same device path runs on
@@ -79,10 +81,17 @@ def many_small_setup(
     return linear_stack_setup(name, layers, 8, batch)
 
 
+# The fixed part of the cost (what a step pays whatever the model) and the part that grows with
+# the tensor count, told apart by two models of one kind: one Linear(16, 16), and 146 of them.
+FIXED = ("linear-2-tensors", 2)
+STACK = ("linear-stack-292-tensors", 292)
+
+
 def setups() -> list[TrainingSetup]:
     return [
+        linear_stack_setup(FIXED[0], layers=1, width=16),
         transformer_setup("transformer-292-tensors", CPU_TRANSFORMER, batch=4, tokens=32),
-        linear_stack_setup("linear-stack-292-tensors", layers=146, width=16),
+        linear_stack_setup(STACK[0], layers=146, width=16),
         many_small_setup(),
     ]
 
@@ -193,7 +202,7 @@ def setup_rows(setup: TrainingSetup, device: str, quick: bool) -> list[Measureme
 
 
 def run(device: str, quick: bool) -> list[Measurement]:
-    """Both models: on CUDA as they ship, on CPU through the fake device (nothing without Triton)."""
+    """Every model: on CUDA as they ship, on CPU through the fake device (nothing without Triton)."""
     if torch.device(device).type != "cuda" and not fake_device.available():
         return []
     return [row for setup in setups() for row in setup_rows(setup, device, quick)]
@@ -213,14 +222,33 @@ def summary(rows: list[Measurement]) -> list[str]:
                 line += (f", {row.median_s / floor:.1f}× the floor of reading each tensor's .grad and "
                          f"address once ({floor * 1e6:.1f} µs)")  # fmt: skip
             lines.append(line)
+    return lines + _split_lines(rows)
+
+
+def _split_lines(rows: list[Measurement]) -> list[str]:
+    """Per mode, the host time a step pays whatever the model (the 2-tensor model's median) and
+    what each further tensor adds (the slope to the 292-tensor stack of the same layers)."""
+    medians = {(row.scenario, row.variant): row.median_s for row in rows}
+    lines = []
+    for variant in (*MODES, KEPT):
+        fixed = medians.get((f"guard-host/{FIXED[0]}", variant))
+        stack = medians.get((f"guard-host/{STACK[0]}", variant))
+        if fixed is None or stack is None:
+            continue
+        per_tensor = (stack - fixed) / (STACK[1] - FIXED[1])
+        lines.append(f"guard-host: {variant} costs {fixed * 1e6:.1f} µs per step whatever the model "
+                     f"({FIXED[0]}), and {per_tensor * 1e6:.2f} µs more per further tensor (the slope "
+                     f"to {STACK[0]})")  # fmt: skip
     return lines
 
 
 __all__ = [
+    "FIXED",
     "GRADIENTS",
     "KEPT",
     "MODES",
     "ProbedOptimizer",
+    "STACK",
     "linear_stack_setup",
     "many_small_setup",
     "read_floor",
