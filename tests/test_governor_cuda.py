@@ -127,3 +127,27 @@ def test_check_health_finds_sick_cuda_gradients() -> None:
     model[2].bias.grad[1] = math.inf  # type: ignore[index]
     assert gov.check_health() is True
     assert gov.execute_rollback().panic_reason == "governor_nonfinite_grads"
+
+
+@pytest.mark.parametrize("store", ["native", "reference"])
+def test_a_triton_governor_verifies_its_host_copies_without_the_interpreter(store: str) -> None:
+    """health_backend="triton" on a CUDA model: AdamW's step counts stay on the CPU and the
+    reference store's copies live there; both are verified by the CPU pass (host_backend)."""
+    pytest.importorskip("triton")
+    from tolaria.health import triton_kernels
+
+    assert not triton_kernels.INTERPRETED  # the GPU machine's case: the interpreter is off
+    model = cuda_model(batch_norm=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(8, 16, device="cuda")).sum().backward()
+    optimizer.step()
+    governor = TolariaGovernor(model, optimizer=optimizer, snapshot_backend=store, health_backend="triton")
+    governor.snapshot()
+    lkg = governor.last_good_state  # resolves the capture: verified, committed, no raise
+    assert lkg is not None and torch.equal(lkg["2.weight"], model[2].weight.detach().cpu())
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    governor.snapshot()
+    kept = governor.last_good_state  # resolves the sick capture: rejected, the good one stays
+    assert kept is not None and torch.equal(kept["2.weight"], lkg["2.weight"])
+    assert math.isfinite(float(kept["2.weight"][0, 0]))

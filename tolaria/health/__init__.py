@@ -7,7 +7,7 @@ against. The kernel modules are imported on first use only, so this package impo
 without Triton and without a GPU. This package face only hands names on.
 """
 
-from tolaria.health.dispatch import BACKENDS, check_tensors
+from tolaria.health.dispatch import BACKENDS, check_tensors, host_backend
 from tolaria.health.reference import reference_check
 from tolaria.health.report import HealthHandle, HealthReport
 
@@ -16,5 +16,6 @@ __all__ = [
     "HealthHandle",
     "HealthReport",
     "check_tensors",
+    "host_backend",
     "reference_check",
 ]

@@ -148,6 +148,31 @@ def _describe(pairs: object) -> str:
     return f"an item of type {type(bad).__name__}" if bad is not None else type(pairs).__name__
 
 
+def _triton_reads_cpu(plan_module: ModuleType) -> bool:
+    """Whether the Triton path can read CPU tensors here: its kernels run in Triton's interpreter
+    (TRITON_INTERPRET=1 before they were imported), or a CPU runtime is installed (the bench's
+    fake device)."""
+    from tolaria.health import triton_kernels
+
+    return bool(triton_kernels.INTERPRETED) or plan_module.cpu_runtime() is not None
+
+
+def host_backend(backend: str) -> str:
+    """The backend that checks host copies of a model's tensors (a snapshot's staging bytes,
+    the optimizer's CPU step counts) when the model's own checks use ``backend``: ``backend``
+    itself, except ``"triton"`` where Triton imports but cannot read CPU memory (a GPU machine
+    without TRITON_INTERPRET), which gets ``"auto"`` (the compiled CPU pass). So
+    ``health_backend="triton"`` forces the kernel on a CUDA model's tensors without making every
+    capture's verification raise. Where Triton does not import, ``"triton"`` stays, so the check
+    raises why."""
+    if backend != "triton":
+        return backend
+    plan_module = triton_health()
+    if plan_module is None or _triton_reads_cpu(plan_module):
+        return backend
+    return "auto"
+
+
 def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> HealthHandle:
     plan_module = triton_health()
     if plan_module is None:
@@ -163,10 +188,7 @@ def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> Heal
     tensors = readable_all(names, tensors)
     plan = plan_module.find_plan(tensors)
     if plan is None:
-        from tolaria.health import triton_kernels
-
-        cpu_path = triton_kernels.INTERPRETED or plan_module.cpu_runtime() is not None
-        on_cpu = device.type == "cpu" and cpu_path
+        on_cpu = device.type == "cpu" and _triton_reads_cpu(plan_module)
         if device.type != "cuda" and not on_cpu:
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
@@ -177,4 +199,11 @@ def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> Heal
     return plan.check(names, tensors)
 
 
-__all__ = ["BACKENDS", "check_listed", "check_tensors", "triton_health", "triton_health_error"]
+__all__ = [
+    "BACKENDS",
+    "check_listed",
+    "check_tensors",
+    "host_backend",
+    "triton_health",
+    "triton_health_error",
+]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tolaria.health import BACKENDS as HEALTH_BACKENDS
-from tolaria.health import HealthReport, check_tensors
+from tolaria.health import HealthReport, check_tensors, host_backend
 from tolaria.snapshot.store import (
     BufferedStore,
     CaptureTicket,
@@ -121,7 +121,8 @@ class ReferenceSnapshotStore(BufferedStore):
     """Pure-PyTorch :class:`SnapshotStore`.
 
     Args:
-        health_backend: passed to :func:`tolaria.health.check_tensors` to verify captures.
+        health_backend: passed to :func:`tolaria.health.check_tensors` to verify captures; the
+            copies on the host get :func:`tolaria.health.host_backend` of it.
         pin_memory: pin the host buffers; None (default) pins when any captured tensor is on
             CUDA. If pinning fails the store keeps working with pageable memory (slower, the
             copies become synchronous) and emits one ``SNAPSHOT_DEGRADED`` event.
@@ -186,7 +187,8 @@ class ReferenceSnapshotStore(BufferedStore):
                 groups.append((f"<{dtype}>", torch.view_as_real(flat)))
         if not groups:
             return None, None
-        report = check_tensors(groups, backend=self.health_backend)
+        backend = host_backend(self.health_backend)  # the copies live on the host
+        report = check_tensors(groups, backend=backend)
         if report.healthy:
             return report, None
         per_key = []
@@ -196,7 +198,7 @@ class ReferenceSnapshotStore(BufferedStore):
                 per_key.append((key, torch.view_as_real(view)))
             elif view.is_floating_point():
                 per_key.append((key, view))
-        detail = check_tensors(per_key, backend=self.health_backend)
+        detail = check_tensors(per_key, backend=backend)
         return detail, detail.first_bad
 
     def resolve(self) -> Resolution | None:

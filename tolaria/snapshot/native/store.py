@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from tolaria import _ext
-from tolaria.health import HealthHandle, HealthReport, check_tensors
+from tolaria.health import HealthHandle, HealthReport, check_tensors, host_backend
 from tolaria.health.report import build_report
 from tolaria.snapshot.native.cuda import CaptureEvents, CudaEngine
 from tolaria.snapshot.native.layout import ArenaPlan, HostBuffer, signature_of
@@ -77,7 +77,8 @@ class NativeSnapshotStore(BufferedStore):
     """:class:`SnapshotStore` backed by the compiled engine (see the module docstring).
 
     Args:
-        health_backend: passed to :func:`tolaria.health.check_tensors` to verify captures.
+        health_backend: passed to :func:`tolaria.health.check_tensors` to verify captures; the
+            copies on the host get :func:`tolaria.health.host_backend` of it.
         pin_memory: pin the arenas; None (default) pins when the tensors are on CUDA.
         double_buffer: keep a staging arena beside the LKG (default). False halves host memory,
             but a capture then overwrites the LKG in place (see the module docstring).
@@ -285,8 +286,8 @@ class NativeSnapshotStore(BufferedStore):
         return detail, detail.first_bad, detail.healthy
 
     def _host_backend(self) -> str:
-        # Staging bytes live on the host: "auto" reads them with the compiled CPU pass.
-        return self.health_backend
+        # Staging bytes live on the host, where "triton" may not run (see host_backend).
+        return host_backend(self.health_backend)
 
     def _discard_pending(self) -> None:
         pending, self._pending = self._pending, None
