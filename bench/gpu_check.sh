@@ -5,7 +5,7 @@
 # on an H100 (not yet verified with the end-to-end and host-cost rows).
 #   OUT=/tmp/out bash bench/gpu_check.sh          # full
 #   QUICK=1 OUT=/tmp/out bash bench/gpu_check.sh  # bench --quick, for a short lease
-#   BUDGET=420 QUICK=1 OUT=/tmp/out bash bench/gpu_check.sh  # no step started past 420 s in all
+#   BUDGET=400 QUICK=1 OUT=/tmp/out bash bench/gpu_check.sh  # no step started past 400 s in all
 #                                                  (see bench/gpu_steps.sh); the summary always prints
 set -uo pipefail
 cd "$(dirname "$0")/.."

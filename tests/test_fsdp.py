@@ -129,10 +129,10 @@ def fsdp_scenario(rank: int, world: int, backend: str) -> dict[str, Any]:
         _loss(net, BATCHES[5]).backward()
         net_opt.step()
     from tolaria.health import check_tensors
-    from tolaria.health.dispatch import triton_health
+    from tolaria.health.dispatch import triton_reads_cpu
 
     kernel_matches = None  # the fused kernel reads the same local shards as the reference
-    if triton_health() is not None and _kernel_reads_cpu():  # these ranks' shards are CPU tensors
+    if triton_reads_cpu():  # these ranks' shards are CPU tensors
         pairs = list(model.named_parameters()) + [(f"{n}.grad", p.grad) for n, p in model.named_parameters()]
         kernel = check_tensors(pairs, backend="triton")
         reference = check_tensors(pairs, backend="reference")
@@ -203,19 +203,11 @@ def test_the_lkg_holds_each_ranks_local_shards_under_the_full_names(
         assert "is a DTensor: snapshot its local shard (tensor.to_local())" in ranks[backend]["dtensor_error"]
 
 
-def _kernel_reads_cpu() -> bool:
-    """Whether Triton's kernels run on CPU tensors here (its interpreter: every CPU machine, from
-    conftest; not a GPU machine, whose gloo ranks' CPU shards the kernel cannot read)."""
-    from tolaria.health import triton_kernels
-
-    return bool(triton_kernels.INTERPRETED)
-
-
 def test_the_fused_kernel_reads_the_same_local_shards(two_ranks: list[dict[str, Any]]) -> None:
-    from tolaria.health.dispatch import triton_health
+    from tolaria.health.dispatch import triton_health, triton_reads_cpu
 
     if triton_health() is None:
         pytest.skip("Triton is not importable here (CI has it, and fails this skip)")
-    if not _kernel_reads_cpu():
+    if not triton_reads_cpu():
         pytest.skip("the ranks' shards are CPU tensors, which Triton reads only under TRITON_INTERPRET=1")
     assert all(ranks[backend]["kernel_matches"] is True for ranks in two_ranks for backend in STORES)

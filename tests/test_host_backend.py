@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tolaria import TolariaGovernor
+from tolaria.bench import fake_device
 from tolaria.health import check_tensors, dispatch, host_backend
 
 triton_kernels = pytest.importorskip("tolaria.health.triton_kernels")
@@ -28,12 +29,15 @@ def no_cpu_triton(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_triton_becomes_auto_for_host_copies_only_where_it_cannot_read_them(
     no_cpu_triton: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert host_backend("triton") == "auto"
+    assert host_backend("triton") == "auto" and not dispatch.triton_reads_cpu()
     assert [host_backend(b) for b in ("auto", "native", "reference")] == ["auto", "native", "reference"]
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # what "triton" does to host bytes here
         check_tensors([("x", torch.ones(3))], backend="triton")
+    with fake_device.fake_device_checks():  # a CPU runtime installed: the kernel path reads CPU tensors
+        assert host_backend("triton") == "triton" and dispatch.triton_reads_cpu()
     monkeypatch.setattr(triton_kernels, "INTERPRETED", True)
     assert host_backend("triton") == "triton"  # the interpreter reads CPU tensors: the kernel stays
+    assert dispatch.triton_reads_cpu()
 
 
 def test_without_an_importable_triton_the_backend_stays_so_the_check_says_why(
@@ -41,7 +45,7 @@ def test_without_an_importable_triton_the_backend_stays_so_the_check_says_why(
 ) -> None:
     monkeypatch.setattr(dispatch, "_triton_plan", None)
     monkeypatch.setattr(dispatch, "_triton_error", "ImportError: no triton here")
-    assert host_backend("triton") == "triton"
+    assert host_backend("triton") == "triton" and not dispatch.triton_reads_cpu()
     with pytest.raises(RuntimeError, match="needs an importable Triton: ImportError: no triton here"):
         check_tensors([("x", torch.ones(3))], backend="triton")
 

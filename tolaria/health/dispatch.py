@@ -148,10 +148,14 @@ def _describe(pairs: object) -> str:
     return f"an item of type {type(bad).__name__}" if bad is not None else type(pairs).__name__
 
 
-def _triton_reads_cpu(plan_module: ModuleType) -> bool:
-    """Whether the Triton path can read CPU tensors here: its kernels run in Triton's interpreter
-    (TRITON_INTERPRET=1 before they were imported), or a CPU runtime is installed (the bench's
-    fake device)."""
+def triton_reads_cpu() -> bool:
+    """Whether ``backend="triton"`` can read CPU tensors here: Triton imports (see
+    :func:`triton_health`) and its kernels run in Triton's interpreter (TRITON_INTERPRET=1 before
+    they were imported), or a CPU runtime is installed (the bench's fake device). False on a GPU
+    machine without the interpreter."""
+    plan_module = triton_health()
+    if plan_module is None:
+        return False
     from tolaria.health import triton_kernels
 
     return bool(triton_kernels.INTERPRETED) or plan_module.cpu_runtime() is not None
@@ -165,10 +169,7 @@ def host_backend(backend: str) -> str:
     ``health_backend="triton"`` forces the kernel on a CUDA model's tensors without making every
     capture's verification raise. Where Triton does not import, ``"triton"`` stays, so the check
     raises why."""
-    if backend != "triton":
-        return backend
-    plan_module = triton_health()
-    if plan_module is None or _triton_reads_cpu(plan_module):
+    if backend != "triton" or triton_health() is None or triton_reads_cpu():
         return backend
     return "auto"
 
@@ -188,7 +189,7 @@ def _check_triton(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> Heal
     tensors = readable_all(names, tensors)
     plan = plan_module.find_plan(tensors)
     if plan is None:
-        on_cpu = device.type == "cpu" and _triton_reads_cpu(plan_module)
+        on_cpu = device.type == "cpu" and triton_reads_cpu()
         if device.type != "cuda" and not on_cpu:
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
@@ -206,4 +207,5 @@ __all__ = [
     "host_backend",
     "triton_health",
     "triton_health_error",
+    "triton_reads_cpu",
 ]
